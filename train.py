@@ -1,0 +1,410 @@
+"""
+The one training loop of the project, from a 2-D toy on a laptop to the paper's multi-node recipe.
+
+    python train.py                                   # the default preset (tiny), laptop CPU
+    python train.py --preset=toy2d                    # App. C.4: coupled vs independent noise
+    python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
+    torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
+
+A preset is a named set of run settings (PRESETS below, each with its hardware, command, time and
+result); `--key=value` overrides any field of `Config`. Each preset names a task: what a batch is
+and what the loss is (Toy2D here, the VAE and the video model below it). The loop around them is
+shared: DDP, gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
+LR, gradient clipping, EMA, loss-spike skip, stop on a non-finite loss, atomic checkpoints, exact
+resume. Tensor legend: video [B, C, T, H, W], tokens [B, L, D].
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import pyramid_flow as pf
+import vae
+from toy.data import shapes_batch
+
+
+# -----------------------------------------------------------------------------
+# Run settings. Every field can be overridden with --key=value.
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    task: str = "video"            # toy2d | vae | video
+    out_dir: str = ""              # default: out/<preset>
+    resume: bool = False           # continue from out_dir/ckpt.pt
+    overwrite: bool = False        # allow replacing an existing checkpoint in out_dir
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
+    # optimisation (Table 4 of the paper for the full recipe)
+    max_steps: int = 1000
+    batch_size: int = 16           # per process and micro-step
+    grad_accum: int = 1            # micro-steps per optimizer step
+    lr: float = 1e-3
+    warmup_steps: int = 100        # linear warm-up, then constant LR
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0         # 0 disables
+    ema_decay: float = 0.999       # 0 disables (the EMA is then the model)
+    spike_factor: float = 3.0      # skip a step whose loss exceeds this x its running mean; 0 disables
+    log_every: int = 50
+    save_every: int = 0            # 0: only at the end
+    threads: int = 0               # torch CPU threads; 0 leaves torch's default
+    # the method
+    K: int = 3                     # pyramid stages
+    coupling: str = "coupled"      # coupled | independent | both (toy2d trains both)
+    # the 2-D toy
+    toy_width: int = 128
+    toy_points: int = 6            # number of data points on a ring
+    # the causal VAE (task vae, vae.py)
+    vae_size: str = "toy"          # a key of vae.VAE_SIZES
+    vae_frames: int = 5            # training clip length 1 + f*k (f: the size's temporal factor)
+    kl_weight: float = 1e-6        # on the KL per latent element (vae.vae_loss)
+    pixel_loss: str = "mse"        # mse | l1
+    disc_weight: float = 0.0       # patch discriminator with the adaptive weight; 0 disables it
+    disc_start: int = 0            # optimizer step at which the discriminator joins
+
+
+# Presets. Header of each: hardware, command, expected time and result.
+PRESETS = {
+    # toy2d: App. C.4 / Fig. 13. Laptop CPU, `python train.py --preset=toy2d`, about 1 minute.
+    # Trains a 2-D MLP velocity field twice (coupled and independent endpoint noise, K = 3 windows)
+    # and prints straightness and trajectory crossings of both (toy/coupling.py); writes
+    # out/toy2d/trajectories.png. Up/Down are the identity in 2-D: only time is split into windows.
+    "toy2d": dict(task="toy2d", coupling="both", max_steps=3000, batch_size=512, lr=2e-3,
+                  warmup_steps=100, ema_decay=0.995, log_every=250, spike_factor=0.0,
+                  threads=1),  # a tiny MLP: more threads only add overhead
+}
+
+
+def parse_args(argv):
+    """--preset NAME / --preset=NAME, then --key=value overrides of Config, typed by the field."""
+    argv = list(argv)
+    preset = Config.preset
+    overrides = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # --key value
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: --{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "preset":
+            preset = value
+        else:
+            overrides[key] = value
+        i += 1
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    types = {f.name: type(f.default) for f in fields(Config)}
+    cfg = Config(preset=preset, **PRESETS[preset])
+    for key, value in overrides.items():
+        if key not in types:
+            raise SystemExit(f"error: unknown setting --{key}; see the fields of Config in train.py")
+        setattr(cfg, key, convert(key, value, types[key]))
+    return cfg
+
+
+def convert(key, value, typ):
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"error: --{key} expects true or false, got {value!r}")
+    try:
+        return typ(value)
+    except ValueError:
+        raise SystemExit(f"error: --{key} expects {typ.__name__}, got {value!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# Task: the 2-D toy of App. C.4
+
+class Toy2DVelocity(nn.Module):
+    """v(x, tau): an MLP on 2-D points and the stage-aware model time (pf.model_time)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 + 16, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+
+    def velocity(self, x, tau):
+        freqs = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi  # time features
+        ang = tau[:, None] * freqs[None]
+        return self.net(torch.cat([x, ang.sin(), ang.cos()], dim=1))
+
+    def forward(self, x_t, tau, target):
+        pred = self.velocity(x_t, tau)
+        return F.mse_loss(pred, target)                                         # Eq. 11
+
+
+class Toy2D:
+    """A few 2-D data points, Gaussian noise, K piecewise windows. In 2-D there is no pixel grid,
+    so Up and Down are the identity (`spatial=False`): the pyramid only splits time into windows,
+    and the coupling of the endpoint noise (Eqs. 9-10) is what the experiment varies."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.windows = pf.stage_windows(cfg.K)
+        self.coupled = cfg.coupling == "coupled"
+        self.points = toy2d_points(cfg.toy_points)
+
+    def model(self):
+        return Toy2DVelocity(self.cfg.toy_width)
+
+    def batch(self, g, device):
+        B, K = self.cfg.batch_size, self.cfg.K
+        x1 = self.points[torch.randint(len(self.points), (B,), generator=g)]
+        k = torch.randint(K, (B,), generator=g)  # stages sampled uniformly (Sec. 3.4)
+        x_t, t, target = torch.empty(B, 2), torch.empty(B), torch.empty(B, 2)
+        for stage in range(K):
+            m = k == stage
+            x_t[m], t_m, target[m] = pf.training_example(x1[m], stage, self.windows, g, self.coupled, spatial=False)
+            t[m] = pf.model_time(stage, t_m, self.windows)
+        logs = {}
+        return dict(x_t=x_t.to(device), tau=t.to(device), target=target.to(device)), logs
+
+    def finish(self, model, out_dir, device):
+        pass  # the comparison of the two runs is toy/coupling.py, called by main()
+
+
+def toy2d_points(n):
+    """n data points evenly on a ring of radius 2."""
+    ang = torch.arange(n) * 2 * math.pi / n
+    return 2 * torch.stack([ang.cos(), ang.sin()], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Task: the causal video VAE of App. B (vae.py) on the shapes videos
+
+class VAETraining(nn.Module):
+    """The VAE and its optional patch discriminator as one module whose forward is the one loss
+    (vae.vae_training_loss): the generator terms reach only the VAE and the hinge term only the
+    discriminator, so the shared loop's single AdamW trains both."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.vae = vae.CausalVAE(vae.VAE_SIZES[cfg.vae_size])
+        self.disc = vae.PatchDiscriminator() if cfg.disc_weight > 0 else None
+        self.loss_kw = dict(kl_weight=cfg.kl_weight, pixel=cfg.pixel_loss, disc_weight=cfg.disc_weight,
+                            disc_start=cfg.disc_start * cfg.grad_accum)
+        self.register_buffer("micro_steps", torch.zeros((), dtype=torch.long))  # a buffer: it resumes
+
+    def forward(self, x):
+        self.micro_steps += 1
+        loss, _ = vae.vae_training_loss(self.vae, x, self.disc, step=int(self.micro_steps), **self.loss_kw)
+        return loss
+
+
+class VAETask:
+    """Batches of shapes clips in [-1, 1]. No separate image batches are needed: the encoder is
+    causal and replicate-padded, so frame 0 of every clip is encoded exactly as an image."""
+    held_out_seed = 10 ** 15 + 7  # far from the (seed, rank, step) seeds of the training batches
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def model(self):
+        return VAETraining(self.cfg)
+
+    def batch(self, g, device):
+        x, _ = shapes_batch(self.cfg.batch_size, frames=self.cfg.vae_frames, generator=g)  # [B, 3, T, 32, 32]
+        return dict(x=x.to(device)), {}
+
+    def finish(self, model, out_dir, device):
+        """Held-out PSNR of the EMA VAE, latent statistics from the same clips, out_dir/vae.pt."""
+        v = model.vae.eval()
+        frames = 1 + 4 * v.cfg.temporal_factor  # longer than the training clips: the VAE is convolutional
+        g = torch.Generator().manual_seed(self.held_out_seed)
+        clips = [shapes_batch(16, frames=frames, generator=g)[0].to(device) for _ in range(4)]
+        vae.estimate_latent_stats(v, clips)
+        with torch.no_grad():
+            db = sum(vae.psnr(v.decode(v.encode(x)), x) for x in clips) / len(clips)
+        torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db),
+                   os.path.join(out_dir, "vae.pt"))
+        print(f"held-out PSNR {db:.2f} dB on {16 * len(clips)} clips of {frames} frames; wrote {out_dir}/vae.pt")
+
+
+TASKS = {"toy2d": Toy2D, "vae": VAETask}
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def setup_distributed(cfg):
+    """DDP when launched by torchrun (RANK in the environment), else a single process."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if not ddp:
+        return False, 0, 1, torch.device(device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return True, rank, world, torch.device(device)
+
+
+def autocast(device):
+    """Mixed precision is one context: bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(cfg, rank, step, micro):
+    """Data and noise of one micro-step come from a generator seeded by (seed, rank, step, micro):
+    stateless, so a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 101 + micro)
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, then rename over the old checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg, quiet=False):
+    """Run one training job; returns the list of logged losses (one per optimizer step)."""
+    if cfg.task not in TASKS:
+        raise SystemExit(f"error: unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ddp, rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    out_dir = cfg.out_dir or os.path.join("out", cfg.preset)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+            raise SystemExit(f"error: {ckpt_path} exists; pass --resume=true to continue it, "
+                             f"--overwrite=true to replace it, or another --out_dir")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: --resume=true but there is no checkpoint at {ckpt_path}")
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    task = TASKS[cfg.task](cfg)
+    model = task.model().to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on gains and biases
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    step, loss_mean, history = 0, None, []
+    if cfg.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
+        torch.set_rng_state(ck["rng"]["torch"])
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    n_params = sum(p.numel() for p in model.parameters())
+    if master and not quiet:
+        print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
+              f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, model=model.state_dict(),
+                                            ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                            config=dataclasses.asdict(cfg), step=step, loss_mean=loss_mean,
+                                            history=history, rng=dict(torch=torch.get_rng_state())))
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
+    t0 = time.time()
+    while step < cfg.max_steps:
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total, logs_sum = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            batch, logs = task.batch(step_generator(cfg, rank, step, micro), device)
+            sync = micro == cfg.grad_accum - 1 or not ddp
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
+                loss = net(**batch)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            for key, v in logs.items():
+                logs_sum[key] = logs_sum.get(key, 0.0) + v / cfg.grad_accum
+        if ddp:  # the logged loss is the mean over ranks, so every rank takes the same decisions
+            t = torch.tensor([total], device=device)
+            torch.distributed.all_reduce(t)
+            total = t.item() / world
+        if not math.isfinite(total):
+            raise SystemExit(f"error: non-finite loss {total} at step {step}; stopping without saving "
+                             f"(the last checkpoint, if any, is kept)")
+        skip = cfg.spike_factor > 0 and loss_mean is not None and step >= cfg.warmup_steps \
+            and total > cfg.spike_factor * loss_mean
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not skip:
+            opt.step()
+            with torch.no_grad():
+                d = cfg.ema_decay if cfg.ema_decay > 0 else 0.0
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - d)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+        opt.zero_grad(set_to_none=True)
+        loss_mean = total if loss_mean is None else 0.98 * loss_mean + 0.02 * total
+        history.append(total)
+        step += 1
+        bar.update(1)
+        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            extra = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items())
+            bar.write(f"step {step}: loss {total:.4f} (mean {loss_mean:.4f}) {extra} lr {lr:.2e} "
+                      f"{'skipped (spike) ' if skip else ''}{time.time() - t0:.0f}s")
+        if cfg.save_every and step % cfg.save_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    if master:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        task.finish(ema, out_dir, device)
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    if cfg.task == "toy2d" and cfg.coupling == "both":
+        base = cfg.out_dir or os.path.join("out", cfg.preset)
+        for coupling in ("coupled", "independent"):
+            train(dataclasses.replace(cfg, coupling=coupling, out_dir=os.path.join(base, coupling)))
+        if "RANK" not in os.environ or os.environ["RANK"] == "0":
+            from toy.coupling import compare
+            compare(base)
+    else:
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
