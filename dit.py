@@ -390,3 +390,30 @@ class ToyTextEncoder(nn.Module):
         tokens = (self.word_emb(padded) + self.pos_emb[:L]) * mask[..., None]   # [B, L, text_dim]
         mean = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)           # [B, text_dim]
         return tokens, mask, self.pool(mean)
+
+
+# ----------------------------------------------------------------------------- text + DiT
+class TextToVideo(nn.Module):
+    """The trainable pair of the toy presets: captions -> ToyTextEncoder -> MMDiT.
+
+    forward(frames, captions, t) is the velocity of the current frame; `guided` adds
+    classifier-free guidance, v = v_u + w (v_c - v_u), with the empty caption as the null text
+    (the presets drop 10% of captions to "" in training), both halves in one batched call.
+    """
+
+    def __init__(self, cfg: DiTConfig, vocab_size: int = 1024, max_len: int = 32):
+        super().__init__()
+        self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len)
+        self.dit = MMDiT(cfg)
+
+    def forward(self, frames, captions, t, all_frames: bool = False):
+        text, mask, pooled = self.text_encoder(captions)
+        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames)
+
+    def guided(self, frames, captions, t, guidance: float = 1.0):
+        if guidance == 1.0:
+            return self(frames, captions, t)
+        B = len(captions)
+        both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
+        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t])).chunk(2)
+        return v_u + guidance * (v_c - v_u)                                    # CFG

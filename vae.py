@@ -1,0 +1,405 @@
+"""The 3D causal video VAE of Pyramidal Flow Matching (Jin et al., ICLR 2025, App. B).
+
+App. B: a MAGVIT-v2-like VAE with 3D causal convolutions, an asymmetric encoder-decoder (the
+decoder is deeper), KL-regularised continuous latents, 8x8x8 compression and 16 latent channels.
+Causal means latent frame j sees pixel frames <= f*j only, so `1 + f*k` frames <-> `1 + k`
+latents and latent 0 is an image latent: images are one-frame videos of the same model.
+
+Tensor legend: video [B, C, T, H, W] (pixels in [-1, 1]); latents [B, C, T, h, w] with
+T = 1 + k latent frames, h = H/s, w = W/s for spatial factor s and temporal factor f.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class VAEConfig:
+    latent_channels: int = 16
+    widths: tuple = (128, 256, 512, 512)  # channels per level; len(widths) - 1 resampling steps
+    spatial_factor: int = 8               # s: a power of 2, <= 2 ** (len(widths) - 1)
+    temporal_factor: int = 8              # f: a power of 2, <= 2 ** (len(widths) - 1)
+    enc_blocks: int = 2                   # ResNet blocks per encoder level
+    dec_blocks: int = 3                   # per decoder level: asymmetric, the decoder is deeper
+    norm_groups: int = 32
+    kernel: int = 3                       # conv kernel in t, h and w
+    logvar_init: float = 0.0              # bias of the logvar output at init (see Encoder)
+    logvar_min: float = -30.0             # clamp of the posterior log-variance: exp() stays finite
+    logvar_max: float = 20.0
+
+
+VAE_SIZES = {
+    # laptop: 32x32 clips of 1 + 2k frames -> 8x8 latents of 1 + k frames, 0.57M params
+    "toy": VAEConfig(latent_channels=4, widths=(16, 32, 32), spatial_factor=4, temporal_factor=2,
+                     enc_blocks=1, dec_blocks=1, norm_groups=8, logvar_init=-8.0),
+    # the paper: 8x8x8 compression, 16 channels (App. B)
+    "paper": VAEConfig(),
+}
+
+
+class CausalConv3d(nn.Module):
+    """3D conv padded in front in time only, by replicating the first frame (as if the clip had
+    been still before it started: a one-frame clip then behaves like an image), and zero-padded
+    "same" in space. While decoding in chunks (`stream`), the last kt-1 input frames are kept and
+    replace the replicate padding of the next chunk, so chunked output equals the full output."""
+
+    def __init__(self, c_in, c_out, kernel=3, stride=(1, 1, 1)):
+        super().__init__()
+        self.time_pad = kernel - 1
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
+        # The earlier time taps start at zero: the net starts as a per-frame image net and learns
+        # to use the past, which trains far faster than undoing a random mix of moving objects.
+        with torch.no_grad():
+            self.conv.weight[:, :, :-1] = 0.0
+        self.stream, self.cache = False, None
+
+    def forward(self, x):
+        front = self.cache if self.cache is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+        x = torch.cat([front, x], dim=2)  # [B, C, time_pad + T, H, W]
+        if self.stream:
+            self.cache = x[:, :, x.shape[2] - self.time_pad:]
+        return self.conv(x)
+
+
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm over (channels, h, w) of each frame separately: statistics never mix time steps,
+    which would break causality."""
+
+    def forward(self, x):
+        t = x.shape[2]
+        x = rearrange(x, "b c t h w -> (b t) c h w")
+        return rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=t)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, cfg):
+        super().__init__()
+        self.norm1 = FrameNorm(cfg.norm_groups, c_in)
+        self.conv1 = CausalConv3d(c_in, c_out, cfg.kernel)
+        self.norm2 = FrameNorm(cfg.norm_groups, c_out)
+        self.conv2 = CausalConv3d(c_out, c_out, cfg.kernel)
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided causal conv. In time, output j reads input frames 2j-2..2j: 1 + 2m -> 1 + m frames."""
+
+    def __init__(self, c, cfg, space, time):
+        super().__init__()
+        self.conv = CausalConv3d(c, c, cfg.kernel, stride=(1 + time, 1 + space, 1 + space))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 (space and/or time) then a causal conv. In time, every frame is repeated except
+    the first of the clip (the image frame): 1 + m -> 1 + 2m. While streaming, only the first
+    chunk holds that frame."""
+
+    def __init__(self, c, cfg, space, time):
+        super().__init__()
+        self.space, self.time = space, time
+        self.conv = CausalConv3d(c, c, cfg.kernel)
+        self.stream, self.seen_first = False, False
+
+    def forward(self, x):
+        if self.space:
+            x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # [B, C, T, 2H, 2W]
+        if self.time:
+            x = x.repeat_interleave(2, dim=2)  # [B, C, 2T, H, W]
+            if not self.seen_first:
+                x = x[:, :, 1:]  # [B, C, 2T - 1, H, W]: the image frame is not repeated
+            self.seen_first = self.stream
+        return self.conv(x)
+
+
+def _resampling(cfg):
+    """(space, time) flags of each of the len(widths) - 1 resampling steps, from the top level:
+    space at the first log2(s) steps, time at the last log2(f) (cheapest at low resolution)."""
+    n = len(cfg.widths) - 1
+    ls, lt = int(math.log2(cfg.spatial_factor)), int(math.log2(cfg.temporal_factor))
+    if 2 ** ls != cfg.spatial_factor or 2 ** lt != cfg.temporal_factor or max(ls, lt) > n:
+        raise ValueError(f"factors s={cfg.spatial_factor}, f={cfg.temporal_factor} must be powers of 2 <= 2**{n}")
+    return [(i < ls, i >= n - lt) for i in range(n)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.widths
+        self.conv_in = CausalConv3d(3, w[0], cfg.kernel)
+        self.blocks = nn.ModuleList()
+        for i, (space, time) in enumerate(_resampling(cfg) + [(False, False)]):
+            for j in range(cfg.enc_blocks):
+                self.blocks.append(ResBlock(w[i - 1] if j == 0 and i > 0 else w[i], w[i], cfg))
+            if space or time:
+                self.blocks.append(Downsample(w[i], cfg, space, time))
+        self.mid = nn.Sequential(ResBlock(w[-1], w[-1], cfg), ResBlock(w[-1], w[-1], cfg))
+        self.norm_out = FrameNorm(cfg.norm_groups, w[-1])
+        self.conv_out = CausalConv3d(w[-1], 2 * cfg.latent_channels, cfg.kernel)  # mean and logvar
+        # A short run cannot wait for the encoder to shrink the posterior std from 1 (noise that
+        # buries the small initial means): the toy starts it small; the KL term still acts.
+        nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels:], cfg.logvar_init)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.widths
+        self.conv_in = CausalConv3d(cfg.latent_channels, w[-1], cfg.kernel)
+        self.mid = nn.Sequential(ResBlock(w[-1], w[-1], cfg), ResBlock(w[-1], w[-1], cfg))
+        self.blocks = nn.ModuleList()
+        steps = _resampling(cfg)
+        for i in reversed(range(len(w))):
+            for j in range(cfg.dec_blocks):
+                self.blocks.append(ResBlock(w[i + 1] if j == 0 and i + 1 < len(w) else w[i], w[i], cfg))
+            if i > 0 and any(steps[i - 1]):
+                self.blocks.append(Upsample(w[i], cfg, *steps[i - 1]))
+        self.norm_out = FrameNorm(cfg.norm_groups, w[0])
+        self.conv_out = CausalConv3d(w[0], 3, cfg.kernel)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(z))
+        for block in self.blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def kl(mean, logvar):
+    """KL( N(mean, exp(logvar)) || N(0, I) ) of a diagonal Gaussian, summed per sample: [B]."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class CausalVAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        # latent normalisation, row 0 for the image latent (frame 0), row 1 for the later frames:
+        # their statistics differ (frame 0 summarises 1 pixel frame, the others f). Buffers, so they
+        # are saved with the weights; set them with estimate_latent_stats.
+        self.register_buffer("latent_shift", torch.zeros(2, cfg.latent_channels))
+        self.register_buffer("latent_scale", torch.ones(2, cfg.latent_channels))
+
+    def check_input(self, x):
+        s, f = self.cfg.spatial_factor, self.cfg.temporal_factor
+        if x.ndim != 5:
+            raise ValueError(f"expected video [B, 3, T, H, W], got shape {tuple(x.shape)} (an image is x[:, :, None])")
+        if (x.shape[2] - 1) % f:
+            raise ValueError(f"frame count {x.shape[2]} is not 1 + {f}*k (temporal factor {f})")
+        if x.shape[3] % s or x.shape[4] % s:
+            raise ValueError(f"size {x.shape[3]}x{x.shape[4]} is not divisible by the spatial factor {s}")
+
+    def posterior(self, x):
+        """pixels [B, 3, 1 + f*k, H, W] -> mean, logvar, each [B, C, 1 + k, H/s, W/s]."""
+        self.check_input(x)
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+
+    def encode(self, x, sample=False, generator=None):
+        mean, logvar = self.posterior(x)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+        return mean + (0.5 * logvar).exp() * noise.to(mean)  # reparameterisation: z = mu + sigma * eps
+
+    @property
+    def last_layer(self):
+        """The decoder's last weight: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.conv.weight
+
+    def forward(self, x, sample=True, generator=None):
+        """Training pass: pixels -> (reconstruction, mean, logvar)."""
+        mean, logvar = self.posterior(x)
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+            z = mean + (0.5 * logvar).exp() * noise.to(mean)
+        return self.decoder(z), mean, logvar
+
+    def _decode_chunks(self, z, chunk):
+        """Decode latent frames `chunk` at a time; causal convs carry their last frames over."""
+        if chunk is None or chunk >= z.shape[2]:
+            return self.decoder(z)
+        streaming = [m for m in self.decoder.modules() if isinstance(m, (CausalConv3d, Upsample))]
+        for m in streaming:
+            m.stream = True
+        try:
+            return torch.cat([self.decoder(z[:, :, i:i + chunk]) for i in range(0, z.shape[2], chunk)], dim=2)
+        finally:
+            for m in streaming:  # leave no state behind: the next call starts a new clip
+                m.stream, m.cache = False, None
+                if isinstance(m, Upsample):
+                    m.seen_first = False
+
+    def decode(self, z, chunk=None, tile=None, overlap=None):
+        """latents [B, C, 1 + k, h, w] -> pixels [B, 3, 1 + f*k, s*h, s*w].
+        chunk: latent frames per temporal chunk (exact). tile: latent tile side (approximate: a
+        tile sees no context beyond its border and has its own GroupNorm statistics), tiles
+        overlapping by `overlap` latent pixels (default tile // 4) and blended linearly there."""
+        h, w = z.shape[3:]
+        if tile is None or (tile >= h and tile >= w):
+            return self._decode_chunks(z, chunk)
+        s = self.cfg.spatial_factor
+        overlap = tile // 4 if overlap is None else overlap
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
+        ys = _tile_starts(h, tile, tile - overlap)
+        xs = _tile_starts(w, tile, tile - overlap)
+        out = weight = 0.0
+        for y0 in ys:
+            for x0 in xs:
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                pix = self._decode_chunks(z[:, :, :, y0:y1, x0:x1], chunk)  # [B, 3, T, s*(y1-y0), s*(x1-x0)]
+                ramp = (_ramp(s * (y1 - y0), s * overlap, y0 > 0, y1 < h)[:, None]
+                        * _ramp(s * (x1 - x0), s * overlap, x0 > 0, x1 < w)[None, :]).to(pix)
+                pad = (s * x0, s * (w - x1), s * y0, s * (h - y1))  # place the tile in the full frame
+                out = out + F.pad(pix * ramp, pad)
+                weight = weight + F.pad(ramp, pad)
+        return out / weight
+
+    def normalize(self, z):
+        """Latents -> roughly zero-mean, unit-variance latents for the DiT."""
+        shift, scale = self._frame_stats(z)
+        return (z - shift) / scale
+
+    def denormalize(self, z):
+        shift, scale = self._frame_stats(z)
+        return z * scale + shift
+
+    def _frame_stats(self, z):
+        """Broadcast row 0 of the stats to latent frame 0 and row 1 to the rest: [1, C, T, 1, 1]."""
+        rows = torch.ones(z.shape[2], dtype=torch.long, device=z.device)
+        rows[0] = 0
+        shift = rearrange(self.latent_shift[rows], "t c -> 1 c t 1 1")
+        scale = rearrange(self.latent_scale[rows], "t c -> 1 c t 1 1")
+        return shift.to(z), scale.to(z)
+
+
+def _tile_starts(size, tile, step):
+    """Start offsets of tiles of side `tile` covering [0, size); the last one ends at `size`."""
+    starts = list(range(0, max(size - tile, 0), step))
+    return starts + [max(size - tile, 0)]
+
+
+def _ramp(n, overlap, ramp_in, ramp_out):
+    """Blending weight along one tile side of n pixels: rising linearly over the first `overlap`
+    pixels (unless at the frame border) and falling over the last: two neighbours sum to 1."""
+    p = torch.arange(n, dtype=torch.float32) + 0.5
+    r = torch.ones(n)
+    if overlap > 0 and ramp_in:
+        r = torch.minimum(r, p / overlap)
+    if overlap > 0 and ramp_out:
+        r = torch.minimum(r, (n - p) / overlap)
+    return r
+
+
+@torch.no_grad()
+def estimate_latent_stats(vae, batches):
+    """Set vae.latent_shift/scale to the per-channel mean/std of the posterior means over
+    `batches` (an iterable of pixel videos), separately for latent frame 0 and the later frames.
+    Image-only data leaves no later frames: they then share frame 0's statistics."""
+    sums = torch.zeros(2, 3, vae.cfg.latent_channels, dtype=torch.float64)  # [first/later, n/sum/sum2, C]
+    for x in batches:
+        z = vae.encode(x).double()
+        for row, part in ((0, z[:, :, :1]), (1, z[:, :, 1:])):
+            zc = rearrange(part, "b c t h w -> c (b t h w)")
+            sums[row] += torch.stack([torch.full_like(zc[:, 0], zc.shape[1]), zc.sum(1), zc.pow(2).sum(1)]).cpu()
+    if sums[1, 0, 0] == 0:
+        sums[1] = sums[0]
+    n, mean = sums[:, 0], sums[:, 1] / sums[:, 0]
+    std = (sums[:, 2] / n - mean ** 2).clamp_min(1e-12).sqrt()
+    vae.latent_shift.copy_(mean.float())
+    vae.latent_scale.copy_(std.float())
+    return vae.latent_shift, vae.latent_scale
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN on each frame (images and videos alike): one real/fake logit per patch.
+    Frame-wise, so it judges texture, which is what the pixel loss blurs."""
+
+    def __init__(self, width=64, n_layers=3, norm_groups=8):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
+        for i in range(1, n_layers):
+            c_next = width * 2 ** i
+            layers += [nn.Conv2d(c, c_next, 4, 2, 1), nn.GroupNorm(norm_groups, c_next), nn.LeakyReLU(0.2)]
+            c = c_next
+        layers += [nn.Conv2d(c, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = rearrange(x, "b c t h w -> (b t) c h w")
+        return self.net(x)  # [B*T, 1, h', w'] patch logits
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
+    """VQGAN's balance: ||grad rec|| / ||grad g|| at the decoder's last layer, so the adversarial
+    term pushes the decoder about as hard as the reconstruction term."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, max_weight).detach()  # 1e-4: no 0/0
+
+
+def vae_loss(x, recon, mean, logvar, kl_weight=1e-6, pixel="l1", disc=None, disc_weight=0.5, last_layer=None):
+    """Pixel loss + kl_weight * KL (+ the adaptive-weighted hinge generator loss if `disc`).
+    Pixel loss: "l1" (the default of image VAEs: sharper than MSE) or "mse"; mean per pixel.
+    KL: per latent element (kl / numel), so kl_weight does not depend on the clip size.
+    Returns (loss, logs)."""
+    rec = (recon - x).abs().mean() if pixel == "l1" else (recon - x).pow(2).mean()
+    kl_term = (kl(mean, logvar) / mean[0].numel()).mean()
+    loss = rec + kl_weight * kl_term
+    logs = {"rec": rec.item(), "kl": kl_term.item()}
+    if disc is not None:
+        for p in disc.parameters():  # the generator term moves the VAE only
+            p.requires_grad_(False)
+        g_loss = -disc(recon).mean()  # hinge generator loss
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        w = adaptive_weight(rec, g_loss, last_layer) if torch.is_grad_enabled() else torch.tensor(1.0)
+        loss = loss + disc_weight * w * g_loss
+        logs.update(g=g_loss.item(), adaptive_w=w.item())
+    return loss, logs
+
+
+def hinge_d_loss(disc, x, recon):
+    """Discriminator hinge loss; recon is detached, so it moves the discriminator only."""
+    return F.relu(1.0 - disc(x)).mean() + F.relu(1.0 + disc(recon.detach())).mean()
+
+
+def vae_training_loss(vae, x, disc=None, step=0, disc_start=0, kl_weight=1e-6, pixel="l1", disc_weight=0.5):
+    """One training loss for a single optimizer over vae and disc parameters: the generator
+    terms reach only the VAE, the hinge term only the discriminator (off before disc_start).
+    x: a video [B, 3, 1 + f*k, H, W] (an image batch as x[:, :, None]). Returns (loss, logs)."""
+    recon, mean, logvar = vae(x)
+    use_disc = disc is not None and step >= disc_start
+    loss, logs = vae_loss(x, recon, mean, logvar, kl_weight, pixel,
+                          disc if use_disc else None, disc_weight, vae.last_layer)
+    if use_disc:
+        d_loss = hinge_d_loss(disc, x, recon)
+        loss = loss + d_loss
+        logs["d"] = d_loss.item()
+    return loss, logs
+
+
+@torch.no_grad()
+def psnr(x, y):
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2), per clip then averaged over the batch."""
+    mse = (x.clamp(-1, 1) - y.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean().item()
