@@ -181,6 +181,12 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+def _sample(mean, logvar, generator=None):
+    """z = mean + sigma * eps (reparameterisation); eps from `generator` (CPU by default)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+    return mean + (0.5 * logvar).exp() * eps.to(mean)
+
+
 def kl(mean, logvar):
     """KL( N(mean, exp(logvar)) || N(0, I) ) of a diagonal Gaussian, summed per sample: [B]."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
@@ -213,11 +219,9 @@ class CausalVAE(nn.Module):
         return mean, logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
 
     def encode(self, x, sample=False, generator=None):
+        """pixels -> latents: the posterior mean, or a sample of it."""
         mean, logvar = self.posterior(x)
-        if not sample:
-            return mean
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
-        return mean + (0.5 * logvar).exp() * noise.to(mean)  # reparameterisation: z = mu + sigma * eps
+        return _sample(mean, logvar, generator) if sample else mean
 
     @property
     def last_layer(self):
@@ -227,10 +231,7 @@ class CausalVAE(nn.Module):
     def forward(self, x, sample=True, generator=None):
         """Training pass: pixels -> (reconstruction, mean, logvar)."""
         mean, logvar = self.posterior(x)
-        z = mean
-        if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
-            z = mean + (0.5 * logvar).exp() * noise.to(mean)
+        z = _sample(mean, logvar, generator) if sample else mean
         return self.decoder(z), mean, logvar
 
     def _decode_chunks(self, z, chunk):
@@ -274,19 +275,21 @@ class CausalVAE(nn.Module):
                 weight = weight + F.pad(ramp, pad)
         return out / weight
 
-    def normalize(self, z):
-        """Latents -> roughly zero-mean, unit-variance latents for the DiT."""
-        shift, scale = self._frame_stats(z)
+    def normalize(self, z, start=0):
+        """Latents -> roughly zero-mean, unit-variance latents for the DiT. `start`: the index of
+        z's first frame in its clip (a later frame alone, e.g. in autoregressive sampling, is 1)."""
+        shift, scale = self._frame_stats(z, start)
         return (z - shift) / scale
 
-    def denormalize(self, z):
-        shift, scale = self._frame_stats(z)
+    def denormalize(self, z, start=0):
+        shift, scale = self._frame_stats(z, start)
         return z * scale + shift
 
-    def _frame_stats(self, z):
-        """Broadcast row 0 of the stats to latent frame 0 and row 1 to the rest: [1, C, T, 1, 1]."""
+    def _frame_stats(self, z, start):
+        """Row 0 of the stats for clip frame 0, row 1 for the later ones: [1, C, T, 1, 1]."""
         rows = torch.ones(z.shape[2], dtype=torch.long, device=z.device)
-        rows[0] = 0
+        if start == 0:
+            rows[0] = 0
         shift = rearrange(self.latent_shift[rows], "t c -> 1 c t 1 1")
         scale = rearrange(self.latent_scale[rows], "t c -> 1 c t 1 1")
         return shift.to(z), scale.to(z)

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 
 import pyramid_flow as pf
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact identities are checked in float64; restored afterwards for the other test files."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def gen(seed=0):
