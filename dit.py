@@ -303,22 +303,26 @@ class MMDiT(nn.Module):
             if all_frames and (h, w) != (H, W):
                 raise ValueError(f"all_frames needs equal frame sizes, frame {j} is {h}x{w} vs {H}x{W}")
 
-    def forward(self, frames, text, text_mask, pooled, t, all_frames: bool = False):
+    def forward(self, frames, text, text_mask, pooled, t, all_frames: bool = False, grid=None):
         """frames: list of [B, C, h_j, w_j], oldest first, the last one the noisy current frame.
         text [B, L, text_dim], text_mask [B, L] bool (True = real token), pooled [B, pooled_dim],
         t [B] in [0, 1] (0 = noise). Returns the velocity [B, C, h, w] of the current frame, or with
-        all_frames=True (full-sequence baseline, every frame noisy at t) [B, C, T, h, w]."""
+        all_frames=True (full-sequence baseline, every frame noisy at t) [B, C, T, h, w].
+        grid: the (rows, cols) of pixels that positions refer to; None = the current frame's own
+        grid (the paper's extrapolation across stages). Passing the full-resolution size instead
+        interpolates a low-stage current frame onto the full grid, as history frames are."""
         self.check_frames(frames, all_frames)
         cfg, p = self.cfg, self.cfg.patch_size
         T, L = len(frames), text.shape[1]
         H, W = (s // p for s in frames[-1].shape[-2:])                    # current token grid
+        H_pos, W_pos = (H, W) if grid is None else (grid[0] // p, grid[1] // p)  # positions' grid
         device = frames[-1].device
 
         tokens, positions, frame_ids = [], [], []
         for j, x in enumerate(frames):
             h, w = x.shape[-2] // p, x.shape[-1] // p
             tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))  # [B, h*w, C*p*p]
-            positions.append(spatial_positions(h, w, H, W, device))
+            positions.append(spatial_positions(h, w, H_pos, W_pos, device))
             frame_ids.append(torch.full((h * w,), j, device=device))
         frame_ids = torch.cat(frame_ids)                                       # [N]
         img = self.x_embedder(torch.cat(tokens, 1))                            # [B, N, D]
@@ -406,14 +410,14 @@ class TextToVideo(nn.Module):
         self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len)
         self.dit = MMDiT(cfg)
 
-    def forward(self, frames, captions, t, all_frames: bool = False):
+    def forward(self, frames, captions, t, all_frames: bool = False, grid=None):
         text, mask, pooled = self.text_encoder(captions)
-        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames)
+        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None):
         if guidance == 1.0:
-            return self(frames, captions, t)
+            return self(frames, captions, t, grid=grid)
         B = len(captions)
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
-        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t])).chunk(2)
+        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG

@@ -3,6 +3,7 @@ Pyramidal flow matching: the method of Jin et al., ICLR 2025, Sec. 3.2-3.3 and A
 
 Plain functions on tensors, no parameters. Read it beside the paper:
   stage_windows ......... Sec. 3.2, the K time windows [s_k, e_k] and the jump rule below Eq. 15
+  model_time ............ the network's stage-aware time input (windows overlap in t)
   down / up / down_noise  the Down(., 2^k) and Up(.) of Eqs. 5-10
   endpoints ............. Eqs. 9-10 (coupled start and end of a stage)
   training_example ...... Eqs. 6 and 11 (a point on the path and its regression target)
@@ -10,6 +11,7 @@ Plain functions on tensors, no parameters. Read it beside the paper:
   renoise ............... Eq. 15 (jump from stage k+1 to stage k)
   sample ................ Algorithm 1 (per-stage Euler, renoising at every jump)
   history_condition ..... Eqs. 16-17 (the temporal pyramid of the history frames)
+  sample_video .......... Algorithm 1 inside the autoregressive loop over frames (Eq. 17)
   pyramid_tokens ........ Sec. 3.3 / 4.2 (token counts, 15,360 vs 119,040)
 
 Conventions. Paper notation throughout: t = 0 is noise, t = 1 is data, x_t = t x1 + (1 - t) x0

@@ -23,6 +23,7 @@ import dit
 import pyramid_flow as pf
 
 FPS = 8  # playback rate of written videos
+FIRST_FRAME_STEPS, LATER_FRAME_STEPS = 20, 10  # Euler steps per stage, the release's defaults
 
 
 def fail(msg):
@@ -68,7 +69,8 @@ def latent_frames(frames, vae):
 def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=None, steps_later=None,
              guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True):
     """Pixel videos [B, 3, frames, H, W] in [-1, 1] for `captions`; `prefix` [B, 3, P, H, W] holds
-    given first frames (image-to-video, continuation). Unset options take the run's settings."""
+    given first frames (image-to-video, continuation). Unset options take the run's settings (the
+    steps of its end-of-training report); the command line passes the release's defaults."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
     steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k
@@ -85,7 +87,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     def velocity(history, x, k, t):
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
         w = w_first if not history else w_later  # no history: the first frame
-        return net.guided(history + [x], captions, tau, w)
+        grid = (side, side) if cfg.get("positions") == "interpolate" else None
+        return net.guided(history + [x], captions, tau, w, grid=grid)
 
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
@@ -253,8 +256,8 @@ def main(argv):
     K = cfg["K"]
 
     def stage_list(key):
-        if not o[key]:
-            return None
+        if not o[key]:  # the release's defaults (DESIGN): 20 per stage for the first frame, 10 later
+            return [FIRST_FRAME_STEPS if key == "steps" else LATER_FRAME_STEPS] * K
         vals = o[key].split(",")
         if len(vals) != K or not all(v.strip().isdigit() and int(v) > 0 for v in vals):
             fail(f"--{key} needs {K} positive integers (lowest resolution first), got {o[key]!r}")

