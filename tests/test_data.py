@@ -3,7 +3,7 @@ Video legend: [B, C, T, H, W] in [-1, 1]."""
 import pytest
 import torch
 
-from toy.data import (COLOURS, DIRECTIONS, DIGIT_CAPTIONS, MARGIN, SHAPE_CAPTIONS, SHAPES,
+from toy.data import (COLOURS, DIRECTIONS, DIGIT_CAPTIONS, MARGIN, SHAPE_CAPTIONS,
                       motion_speed, parse_caption, shapes_batch, shapes_clip)
 
 SIZE = 32
