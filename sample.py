@@ -234,7 +234,10 @@ def main(argv):
         if o["format"] not in ("gif", "mp4"):
             fail(f"--format must be gif or mp4, got {o['format']!r}")
         out_dir = o["out"] or "samples"
-        os.makedirs(out_dir, exist_ok=True) if os.access(os.path.dirname(os.path.abspath(out_dir)), os.W_OK) else None
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError:
+            pass  # reported on the next line, in one sentence
         if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
             fail(f"cannot write to directory {out_dir}")
         outs = [os.path.join(out_dir, f"{i:03d}_{c[:60].replace(' ', '_').replace('/', '_')}.{o['format']}")

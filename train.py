@@ -190,16 +190,19 @@ def convert(key, value, typ):
 # -----------------------------------------------------------------------------
 # Task: the 2-D toy of App. C.4
 
+TIME_FREQS = 8  # sin/cos features of the model time fed to the 2-D MLP
+
+
 class Toy2DVelocity(nn.Module):
     """v(x, tau): an MLP on 2-D points and the stage-aware model time (pf.model_time)."""
 
     def __init__(self, width):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 + 16, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+        self.net = nn.Sequential(nn.Linear(2 + 2 * TIME_FREQS, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
 
     def velocity(self, x, tau):
-        freqs = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi  # time features
+        freqs = torch.arange(1, TIME_FREQS + 1, device=x.device, dtype=x.dtype) * math.pi
         ang = tau[:, None] * freqs[None]
         return self.net(torch.cat([x, ang.sin(), ang.cos()], dim=1))
 
@@ -554,7 +557,7 @@ def train(cfg, quiet=False):
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
         opt.zero_grad(set_to_none=True)
-        loss_mean = total if loss_mean is None else 0.98 * loss_mean + 0.02 * total
+        loss_mean = total if loss_mean is None else 0.98 * loss_mean + 0.02 * total  # ~50-step mean
         history.append(total)
         step += 1
         bar.update(1)
