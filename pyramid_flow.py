@@ -141,6 +141,24 @@ def training_example(x1, k, windows, generator=None, coupled=True, spatial=True)
     return x_t, t, end - start                                                  # Eq. 11
 
 
+def velocity_from_clean(x1_hat, x_t, k, t, windows, min_gap=0.05):
+    """The stage-k velocity implied by a prediction x1_hat of the clean frame at stage k's
+    resolution (the end point without noise, Down(x1, 2^k)), for a network that predicts data
+    rather than velocity ("x-prediction"; not the paper's parametrisation, an option here).
+
+    On the coupled path (Eqs. 6, 9-10) x_t = t e x1 + (1 - t) s u + d n with u = Up(Down(x1)) and
+    d = t (1 - e) + (1 - t)(1 - s), so x1_hat gives u_hat and the noise n_hat = (x_t - t e x1_hat
+    - (1 - t) s u_hat) / d, and the velocity of Eq. 11 is end - start = e x1_hat - s u_hat + (s - e) n_hat.
+    d -> 0 only at the very end of the last stage; it is clamped at `min_gap`.
+    """
+    s, e = windows[k]
+    t = t.view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype)
+    u = up(down(x1_hat)) if s > 0 else torch.zeros_like(x1_hat)  # s_{K-1} = 0: no lower stage
+    d = (t * (1 - e) + (1 - t) * (1 - s)).clamp(min=min_gap)
+    n = (x_t - t * e * x1_hat - (1 - t) * s * u) / d
+    return e * x1_hat - s * u + (s - e) * n
+
+
 # -----------------------------------------------------------------------------
 # Inference: corrective noise, renoising, and Algorithm 1 (Sec. 3.2.2, App. A)
 

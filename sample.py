@@ -88,7 +88,10 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
         w = w_first if not history else w_later  # no history: the first frame
         grid = (side, side) if cfg.get("positions") == "interpolate" else None
-        return net.guided(history + [x], captions, tau, w, grid=grid)
+        out = net.guided(history + [x], captions, tau, w, grid=grid)  # CFG is linear, so it may act on x too
+        if cfg.get("prediction", "v") == "x":
+            return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
+        return out
 
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])

@@ -11,7 +11,7 @@ A preset is a named set of run settings (PRESETS below, each with its hardware, 
 result); `--key=value` overrides any field of `Config`. Each preset names a task: what a batch is
 and what the loss is (Toy2D here, the VAE and the video model below it). The loop around them is
 shared: DDP, gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
-LR, gradient clipping, EMA, loss-spike skip, stop on a non-finite loss, atomic checkpoints, exact
+LR (or a cosine decay), gradient clipping, EMA, loss-spike skip, stop on a non-finite loss, atomic checkpoints, exact
 resume. Tensor legend: video [B, C, T, H, W], tokens [B, L, D].
 """
 import contextlib
@@ -32,7 +32,7 @@ from tqdm import tqdm
 import pyramid_flow as pf
 import dit
 import vae
-from toy import data
+from toy import data, evaluate
 
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,7 @@ class Config:
     grad_accum: int = 1            # micro-steps per optimizer step
     lr: float = 1e-3
     warmup_steps: int = 100        # linear warm-up, then constant LR
+    lr_decay: str = "none"         # none (constant after warm-up, the paper) | cosine (to 0 at max_steps)
     weight_decay: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -79,6 +80,7 @@ class Config:
     caption_dropout: float = 0.1   # captions replaced by "" (classifier-free guidance)
     vae_ckpt: str = ""             # train on the latents of this VAE checkpoint; "" = pixel space
     causal: bool = True            # False: bidirectional attention (Fig. 11 ablation)
+    prediction: str = "v"          # the network predicts v (the paper) | x (the clean frame, pf.velocity_from_clean)
     positions: str = "extrapolate"  # current frame on its own grid (paper) | "interpolate" onto the full grid
     grad_checkpointing: bool = False
     # sampling at the end of a video run (also sample.py's defaults)
@@ -104,10 +106,11 @@ PRESETS = {
     # tiny (the README's quick start): shapes text-to-video, 32x32 pixels, 8 frames, K = 3, in pixel
     # space. 2-core CPU, `python train.py`, about 10 minutes (800 steps of 24 clips at ~0.6 s/step,
     # then 48 sampled videos). The 5.3M-parameter toy MM-DiT with patch 4 (8x8, 4x4 and 2x2 tokens
-    # per frame at the three stages); stages sampled 2:3:1 (low:mid:full), since the full-resolution
-    # stage is the cheapest to learn and the most expensive to run; more steps of a smaller batch
-    # beat fewer larger ones (batch 48 x 560 steps: direction 0.42; batch 24 x 1100: 0.77). Result, and how far it is from
-    # the issue's targets: README, "Presets" (measured by toy/measure_tiny.py).
+    # per frame at the three stages); stages sampled 2:3:1 (low:mid:full). More steps of a smaller
+    # batch beat fewer larger ones (batch 48 x 560 steps: direction 0.42; batch 24 x 1100: 0.77).
+    # toy/oracle.py shows that the full-resolution stage is what limits it (README), but giving it
+    # more of the batch (1:2:3, with --prediction=x) did not help at this budget. Result, and how
+    # far it is from the issue's targets: README, "Presets" (measured by toy/measure_tiny.py).
     "tiny": dict(task="video", data="shapes", frames=8, size=32, model="toy", patch=4, stage_ratio="2,3,1",
                  max_steps=800, batch_size=24, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
                  eval_captions=48, sample_steps="10,10,10", sample_steps_later="5,5,5"),
@@ -131,14 +134,15 @@ PRESETS = {
     "toy2d": dict(task="toy2d", coupling="both", max_steps=3000, batch_size=512, lr=2e-3,
                   warmup_steps=100, ema_decay=0.995, log_every=250, spike_factor=0.0,
                   threads=1),  # a tiny MLP: more threads only add overhead
-    # vae-toy: App. B at laptop scale. CPU, `python train.py --preset=vae-toy`, about 10 CPU-minutes
-    # (0.73 s/step on one core). vae.VAE_SIZES["toy"] (4x4 spatial, 2x temporal, 4 latent
-    # channels, 0.57M params) on 32x32 shapes clips of 5 frames, batch 8 (x processes); MSE +
-    # 1e-6 KL, no discriminator (--disc_weight=0.5 adds one). Prints the held-out PSNR (measured
-    # 24 dB for the EMA on 9-frame clips: not yet faithful, see issue 4) and writes
-    # out/vae-toy/vae.pt (EMA weights + latent statistics).
-    "vae-toy": dict(task="vae", max_steps=800, batch_size=8, vae_frames=5, lr=1e-3, beta2=0.99,
-                    warmup_steps=50, ema_decay=0.99, log_every=50),
+    # vae-toy: App. B at laptop scale. 2-core CPU, `python train.py --preset=vae-toy`, about 7.5
+    # minutes (438 s of training). vae.VAE_SIZES["toy"] (4x4 spatial, 2x temporal, 4 latent
+    # channels, 0.62M params) on 32x32 shapes clips of 5 frames, batch 4 (x processes), 1800 steps
+    # with a cosine decay of the rate (at 1200 steps: 29.0 dB with it, 23.9 dB at a constant rate);
+    # MSE + 1e-6 KL, no discriminator (--disc_weight=0.5 adds one). Prints the held-out PSNR on
+    # 9-frame clips (measured 31.81 dB) and the shapes scores of reconstructions of the 48 captions
+    # (all 1.000), and writes out/vae-toy/vae.pt (EMA weights + latent statistics) for --vae_ckpt.
+    "vae-toy": dict(task="vae", max_steps=1800, batch_size=4, vae_frames=5, lr=1e-3, beta2=0.99,
+                    lr_decay="cosine", warmup_steps=50, ema_decay=0.99, log_every=100),
 }
 
 
@@ -298,9 +302,15 @@ class VAETask:
         vae.estimate_latent_stats(v, clips)
         with torch.no_grad():
             db = sum(vae.psnr(v.decode(v.encode(x)), x) for x in clips) / len(clips)
-        torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db),
-                   os.path.join(out_dir, "vae.pt"))
+            # faithful in the sense the video presets need: reconstructions score like the clips
+            x, captions = data.shapes_batch(48, frames=frames, generator=g, captions=data.SHAPE_CAPTIONS)
+            scores = evaluate.score_shapes(v.decode(v.encode(x.to(device))).cpu(), captions)
+        scores = {k: scores[k] for k in ("colour", "shape", "direction", "consistency")}
+        torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db,
+                        scores=scores), os.path.join(out_dir, "vae.pt"))
         print(f"held-out PSNR {db:.2f} dB on {16 * len(clips)} clips of {frames} frames; wrote {out_dir}/vae.pt")
+        print("reconstructions of the 48 captions score (toy/evaluate.py, the clips score 1.0): "
+              + ", ".join(f"{k} {val:.3f}" for k, val in scores.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -317,14 +327,16 @@ class VideoLoss(nn.Module):
     """Flow matching loss of a micro-batch made of groups; each group shares a stage k and an AR
     position i, so its frames have one layout (the release packs unequal samples instead)."""
 
-    def __init__(self, net):
+    def __init__(self, net, windows, prediction="v"):
         super().__init__()
-        self.net = net
+        self.net, self.windows, self.prediction = net, windows, prediction
 
     def forward(self, groups):
         losses, logs = [], {}
         for g in groups:
             v = self.net(g["history"] + [g["x_t"]], g["captions"], g["tau"], grid=g["grid"])  # frame i
+            if self.prediction == "x":  # the output is the clean frame: the velocity it implies
+                v = pf.velocity_from_clean(v, g["x_t"], g["stage"], g["t"], self.windows)
             loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i only
             losses.append(loss * len(g["captions"]))
             key = f"loss_k{g['stage']}"
@@ -355,6 +367,8 @@ class Video:
             changes["patch_size"] = cfg.patch
         self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
                                            grad_checkpointing=cfg.grad_checkpointing, **changes)
+        if cfg.prediction not in ("v", "x"):
+            raise SystemExit(f"error: --prediction must be v or x, got {cfg.prediction!r}")
         if cfg.positions not in ("extrapolate", "interpolate"):
             raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
         self.data = data_source(cfg.data)
@@ -365,7 +379,7 @@ class Video:
             raise SystemExit(f"error: --size={cfg.size}: {e}") from None
 
     def model(self):
-        return VideoLoss(dit.TextToVideo(self.dit_cfg))
+        return VideoLoss(dit.TextToVideo(self.dit_cfg), self.windows, self.cfg.prediction)
 
     @torch.no_grad()
     def encode(self, video):
@@ -388,7 +402,7 @@ class Video:
             drop = torch.rand(per, generator=g) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
             grid = lat.shape[-2:] if cfg.positions == "interpolate" else None
-            groups.append(dict(history=history, x_t=x_t, target=target, captions=captions, stage=k, grid=grid,
+            groups.append(dict(history=history, x_t=x_t, t=t, target=target, captions=captions, stage=k, grid=grid,
                                tau=pf.model_time(k, t, self.windows), share=self.group_stages.count(k)))
         return dict(groups=groups)
 
@@ -462,6 +476,16 @@ def step_generator(cfg, rank, step, micro):
     return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 101 + micro)
 
 
+def learning_rate(cfg, step):
+    """Linear warm-up, then constant (the paper's recipe) or, with lr_decay="cosine", a cosine
+    decay to zero at max_steps (short toy runs end sharper when the rate comes down)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_decay == "cosine" and step >= cfg.warmup_steps:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * warm
+
+
 def save_checkpoint(path, state):
     """Atomic: write a temp file, then rename over the old checkpoint."""
     tmp = path + ".tmp"
@@ -474,6 +498,8 @@ def train(cfg, quiet=False):
     since the start of the run (resumed runs included) and the trained module (not the EMA)."""
     if cfg.task not in TASKS:
         raise SystemExit(f"error: unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    if cfg.lr_decay not in ("none", "cosine"):
+        raise SystemExit(f"error: --lr_decay must be none or cosine, got {cfg.lr_decay!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ddp, rank, world, device = setup_distributed(cfg)
@@ -523,7 +549,7 @@ def train(cfg, quiet=False):
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
     t0 = time.time()
     while step < cfg.max_steps:
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         total, logs_sum = 0.0, {}
@@ -557,7 +583,10 @@ def train(cfg, quiet=False):
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
         opt.zero_grad(set_to_none=True)
-        loss_mean = total if loss_mean is None else 0.98 * loss_mean + 0.02 * total  # ~50-step mean
+        # ~50-step running mean; a skipped spike enters capped, so one huge loss cannot switch the
+        # skip off for the rest of the run, while a lasting rise still lifts the mean (4% a step)
+        seen = total if loss_mean is None else min(total, cfg.spike_factor * loss_mean) if skip else total
+        loss_mean = seen if loss_mean is None else 0.98 * loss_mean + 0.02 * seen
         history.append(total)
         step += 1
         bar.update(1)

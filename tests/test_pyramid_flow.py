@@ -181,6 +181,25 @@ def test_training_example_line_and_target():
     assert torch.allclose(target, (s - e) * n)
 
 
+def test_velocity_from_clean_is_the_target_for_the_true_clean_frame():
+    """x-prediction: the clean stage-k frame Down(x1, 2^k) turns into exactly the target of Eq. 11."""
+    w = pf.stage_windows(3)
+    x1 = torch.randn(16, 3, 16, 16, generator=gen(40))
+    for k in range(3):
+        x_t, t, target = pf.training_example(x1, k, w, gen(41 + k))
+        v = pf.velocity_from_clean(pf.down(x1, k), x_t, k, t, w, min_gap=1e-12)
+        assert torch.allclose(v, target, atol=1e-9)
+    # K = 1 is plain flow matching: v = (x1_hat - x_t) / (1 - t)
+    w1 = pf.stage_windows(1)
+    x_t, t, _ = pf.training_example(x1, 0, w1, gen(45))
+    guess = torch.randn(x1.shape, generator=gen(46))
+    v = pf.velocity_from_clean(guess, x_t, 0, t, w1, min_gap=1e-12)
+    assert torch.allclose(v, (guess - x_t) / (1 - t.view(-1, 1, 1, 1)))
+    # the clamp bounds the division near the end of the last stage
+    v = pf.velocity_from_clean(guess, x_t, 0, torch.ones(16), w1, min_gap=0.05)  # d = 0 unclamped
+    assert torch.allclose(v, guess - (x_t - guess) / 0.05)
+
+
 # ---------------------------------------------------------------- the sampler
 
 def one_point_velocity(c, windows, spatial=True):
@@ -206,6 +225,16 @@ def test_sampler_lands_on_a_one_point_data_set(K, spatial):
     c = torch.randn(1, 3, 16, 16, generator=gen(15)).expand(5, 3, 16, 16)
     x = pf.sample(one_point_velocity(c, w, spatial), c.shape, w, steps=[3, 4, 5, 2][:K],
                   generator=gen(16), spatial=spatial, dtype=torch.float64)
+    assert torch.allclose(x, c, atol=1e-9)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_sampler_with_a_clean_frame_predictor_lands_on_it(K):
+    """A network that always predicts the clean frame c (x-prediction) drives the sampler to c."""
+    w = pf.stage_windows(K)
+    c = torch.randn(1, 3, 16, 16, generator=gen(47)).expand(4, 3, 16, 16)
+    v = lambda x, k, t: pf.velocity_from_clean(pf.down(c, k), x, k, torch.full((4,), t), w)
+    x = pf.sample(v, c.shape, w, steps=[3, 4, 5][:K], generator=gen(48), dtype=torch.float64)
     assert torch.allclose(x, c, atol=1e-9)
 
 

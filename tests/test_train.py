@@ -49,6 +49,26 @@ def test_bad_video_settings(tmp_path):
         train.Video(cfg_for("tiny", tmp_path, size=36, K=4, stage_ratio="1,1,1,1"))
     with pytest.raises(SystemExit, match="stage_ratio"):
         train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2"))
+    with pytest.raises(SystemExit, match="--prediction must be v or x"):
+        train.Video(cfg_for("tiny", tmp_path, prediction="eps"))
+    with pytest.raises(SystemExit, match="--lr_decay must be none or cosine"):
+        train.train(cfg_for("toy2d", tmp_path, lr_decay="linear"), quiet=True)
+
+
+def test_learning_rate_warm_up_then_constant_or_cosine():
+    cfg = train.Config(lr=1e-3, warmup_steps=10, max_steps=110)
+    lrs = [train.learning_rate(cfg, s) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and set(lrs[10:]) == {1e-3}
+    cos = [train.learning_rate(dataclasses.replace(cfg, lr_decay="cosine"), s) for s in range(110)]
+    assert cos[:10] == lrs[:10] and cos[10] == pytest.approx(1e-3) and cos[60] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(cos[10:], cos[11:])) and cos[-1] < 1e-6
+
+
+def test_x_prediction_trains_and_samples(tmp_path):
+    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=6, prediction="x"))
+    losses, _ = train.train(cfg, quiet=True)
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert os.path.exists(os.path.join(cfg.out_dir, "samples.gif"))
 
 
 # ---------------------------------------------------------------- one step of every preset

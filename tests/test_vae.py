@@ -132,7 +132,7 @@ def test_latent_normalisation():
     for part in (z[:, :, :1], z[:, :, 1:]):  # each group is standardised per channel
         torch.testing.assert_close(part.mean((0, 2, 3, 4)), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
         torch.testing.assert_close(part.std((0, 2, 3, 4), correction=0), torch.ones(z.shape[1]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(vae.denormalize(z), raw, atol=ATOL, rtol=0)
+    torch.testing.assert_close(vae.denormalize(z), raw, atol=ATOL, rtol=1e-5)  # raw latents of a random net are large
     # a later frame on its own (autoregressive sampling) uses the later frames' statistics
     torch.testing.assert_close(vae.normalize(raw[:, :, 2:3], start=2), z[:, :, 2:3])
     state = vae.state_dict()  # saved with the weights
