@@ -65,6 +65,22 @@ def latent_frames(frames, vae):
     return 1 + (frames - 1) // f
 
 
+def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu"):
+    """velocity(history, x, k, t) of a trained checkpoint for pf.sample_video: the network at the
+    run's model time, with CFG (`guidance` for the first frame, `video_guidance` once there is
+    history), turned into a velocity if the run predicts the clean frame (--prediction=x)."""
+    windows, B = pf.stage_windows(cfg["K"]), len(captions)
+
+    def velocity(history, x, k, t):
+        tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
+        w = guidance if not history else video_guidance  # no history: the first frame
+        out = net.guided(history + [x], captions, tau, w, grid=grid)  # CFG is linear, so it may act on x too
+        if cfg.get("prediction", "v") == "x":
+            return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
+        return out
+    return velocity
+
+
 @torch.no_grad()
 def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=None, steps_later=None,
              guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True):
@@ -84,15 +100,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
         prefix = prefix.to(device)
         prefix = vae.normalize(vae.encode(prefix)) if vae is not None else prefix
 
-    def velocity(history, x, k, t):
-        tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
-        w = w_first if not history else w_later  # no history: the first frame
-        grid = (side, side) if cfg.get("positions") == "interpolate" else None
-        out = net.guided(history + [x], captions, tau, w, grid=grid)  # CFG is linear, so it may act on x too
-        if cfg.get("prediction", "v") == "x":
-            return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
-        return out
-
+    grid = (side, side) if cfg.get("positions") == "interpolate" else None
+    velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device)
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)

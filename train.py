@@ -303,7 +303,8 @@ class VAETask:
         with torch.no_grad():
             db = sum(vae.psnr(v.decode(v.encode(x)), x) for x in clips) / len(clips)
             # faithful in the sense the video presets need: reconstructions score like the clips
-            x, captions = data.shapes_batch(48, frames=frames, generator=g, captions=data.SHAPE_CAPTIONS)
+            captions = data.SHAPE_CAPTIONS  # one clip per caption
+            x, _ = data.shapes_batch(len(captions), frames=frames, generator=g, captions=captions)
             scores = evaluate.score_shapes(v.decode(v.encode(x.to(device))).cpu(), captions)
         scores = {k: scores[k] for k in ("colour", "shape", "direction", "consistency")}
         torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db,
@@ -479,11 +480,12 @@ def step_generator(cfg, rank, step, micro):
 def learning_rate(cfg, step):
     """Linear warm-up, then constant (the paper's recipe) or, with lr_decay="cosine", a cosine
     decay to zero at max_steps (short toy runs end sharper when the rate comes down)."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    if cfg.lr_decay == "cosine" and step >= cfg.warmup_steps:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * warm
+    return cfg.lr
 
 
 def save_checkpoint(path, state):
@@ -585,7 +587,7 @@ def train(cfg, quiet=False):
         opt.zero_grad(set_to_none=True)
         # ~50-step running mean; a skipped spike enters capped, so one huge loss cannot switch the
         # skip off for the rest of the run, while a lasting rise still lifts the mean (4% a step)
-        seen = total if loss_mean is None else min(total, cfg.spike_factor * loss_mean) if skip else total
+        seen = min(total, cfg.spike_factor * loss_mean) if skip else total  # skip implies a mean
         loss_mean = seen if loss_mean is None else 0.98 * loss_mean + 0.02 * seen
         history.append(total)
         step += 1

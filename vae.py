@@ -72,26 +72,25 @@ class CausalConv3d(nn.Module):
 
 class FrameNorm(nn.GroupNorm):
     """GroupNorm over (channels, h, w) of each frame separately: statistics never mix time steps,
-    which would break causality. groups = 0: no normalisation (the identity)."""
-
-    def __init__(self, groups, channels):
-        super().__init__(max(groups, 1), channels, affine=groups > 0)
-        self.off = groups == 0
+    which would break causality."""
 
     def forward(self, x):
-        if self.off:
-            return x
         t = x.shape[2]
         x = rearrange(x, "b c t h w -> (b t) c h w")
         return rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=t)
 
 
+def frame_norm(groups, channels):
+    """FrameNorm with `groups` groups; groups = 0 means no normalisation (the identity)."""
+    return FrameNorm(groups, channels) if groups else nn.Identity()
+
+
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, cfg):
         super().__init__()
-        self.norm1 = FrameNorm(cfg.norm_groups, c_in)
+        self.norm1 = frame_norm(cfg.norm_groups, c_in)
         self.conv1 = CausalConv3d(c_in, c_out, cfg.kernel)
-        self.norm2 = FrameNorm(cfg.norm_groups, c_out)
+        self.norm2 = frame_norm(cfg.norm_groups, c_out)
         self.conv2 = CausalConv3d(c_out, c_out, cfg.kernel)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         # The residual branch starts at zero: every block starts as its skip path (SkipInit).
@@ -172,7 +171,7 @@ class Encoder(nn.Module):
             if space or time:
                 self.blocks.append(Downsample(w[i], cfg, space, time))
         self.mid = nn.Sequential(ResBlock(w[-1], w[-1], cfg), ResBlock(w[-1], w[-1], cfg))
-        self.norm_out = FrameNorm(cfg.norm_groups, w[-1])
+        self.norm_out = frame_norm(cfg.norm_groups, w[-1])
         self.conv_out = CausalConv3d(w[-1], 2 * cfg.latent_channels, cfg.kernel)  # mean and logvar
         # A short run cannot wait for the encoder to shrink the posterior std from 1 (noise that
         # buries the small initial means): the toy starts it small; the KL term still acts.
@@ -198,7 +197,7 @@ class Decoder(nn.Module):
                 self.blocks.append(ResBlock(w[i + 1] if j == 0 and i + 1 < len(w) else w[i], w[i], cfg))
             if i > 0 and any(steps[i - 1]):
                 self.blocks.append(Upsample(w[i], cfg, *steps[i - 1]))
-        self.norm_out = FrameNorm(cfg.norm_groups, w[0])
+        self.norm_out = frame_norm(cfg.norm_groups, w[0])
         self.conv_out = CausalConv3d(w[0], 3, cfg.kernel)
 
     def forward(self, z):

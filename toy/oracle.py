@@ -41,30 +41,26 @@ def caption_images(caption, size=32, draws=6000):
 def oracle_velocity(sets, windows):
     """velocity(x, k, t) for pf.sample: the posterior mean of Eq. 11's target given x_t, for a
     batch whose row b has the candidate images sets[b] [N_b, C, H, W] (full resolution)."""
+    per_stage = {}  # k -> per row, its candidates' clean (end, start) at stage k's resolution
+
+    def candidates(k):
+        if k not in per_stage:
+            X = [pf.down(S, k) for S in sets]                                  # clean ends, [N, C, h, w]
+            U = [pf.up(pf.down(x)) if windows[k][0] > 0 else torch.zeros_like(x) for x in X]  # starts
+            per_stage[k] = list(zip(X, U))
+        return per_stage[k]
+
     def velocity(x, k, t):
         s, e = windows[k]
         d = t * (1 - e) + (1 - t) * (1 - s)
         out = []
-        for b, X in enumerate(sets):
-            X = pf.down(X, k)                                                  # clean ends, [N, C, h, w]
-            U = pf.up(pf.down(X)) if s > 0 else torch.zeros_like(X)           # clean starts
-            mean = t * e * X + (1 - t) * s * U
+        for b, (X, U) in enumerate(candidates(k)):
+            mean = t * e * X + (1 - t) * s * U                                 # Eqs. 6, 9-10 without the noise
             r = x[b:b + 1].double() - mean                                     # = d n for each candidate
             weights = torch.softmax(-(r.flatten(1) ** 2).sum(1) / (2 * d * d), 0)  # posterior over X
             v = e * X - s * U + (s - e) * r / d                                # Eq. 11 per candidate
             out.append((weights.view(-1, 1, 1, 1) * v).sum(0))
         return torch.stack(out).to(x.dtype)
-    return velocity
-
-
-def model_velocity(net, cfg, captions, windows, guidance):
-    """velocity(x, k, t) of a trained pixel-space text-to-video checkpoint, first frame only."""
-    def velocity(x, k, t):
-        tau = torch.full((len(captions),), pf.model_time(k, t, windows))
-        out = net.guided([x], captions, tau, guidance)
-        if cfg.get("prediction", "v") == "x":
-            out = pf.velocity_from_clean(out, x, k, torch.full((len(captions),), t), windows)
-        return out
     return velocity
 
 
@@ -87,16 +83,17 @@ def main(argv):
         scores, _ = score_images(oracle_velocity(sets, pf.stage_windows(K)), captions, K, steps)
         print(f"oracle, K={K}, {steps} steps per stage: colour {scores['colour']:.3f} shape {scores['shape']:.3f}")
         return
-    import sample  # checkpoint loading
+    import sample  # checkpoint loading and the model's velocity
     net, cfg, vae = sample.load(opts["ckpt"])
     if vae is not None:
         sys.exit("error: toy/oracle.py compares pixel-space checkpoints only")
     K = cfg["K"]
     windows = pf.stage_windows(K)
-    oracle, model = oracle_velocity(sets, windows), model_velocity(net, cfg, captions, windows, guidance)
+    oracle = oracle_velocity(sets, windows)
+    model = sample.model_velocity(net, cfg, captions, guidance, guidance)  # first frames: no history
     print(f"{len(captions)} captions, {steps} Euler steps per stage, guidance {guidance}; stage 0 = full resolution")
     for stages in [(k,) for k in range(K)] + [tuple(range(K))]:
-        mixed = lambda x, k, t: model(x, k, t) if k in stages else oracle(x, k, t)  # noqa: E731
+        mixed = lambda x, k, t: model([], x, k, t) if k in stages else oracle(x, k, t)  # noqa: E731
         with torch.no_grad():
             scores, _ = score_images(mixed, captions, K, steps)
         where = "all stages (no oracle)" if len(stages) == K else f"stage {stages[0]} only (oracle elsewhere)"
