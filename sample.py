@@ -55,13 +55,13 @@ def load(path, device="cpu", use_ema=True):
     return net.eval().to(device), ck["config"], vae
 
 
-def latent_frames(frames, vae):
+def latent_frames(frames, vae, what=None):
     """Pixel frames -> latent frames (1 + f*k -> 1 + k with a VAE that compresses time f x)."""
     if vae is None:
         return frames
     f = vae.cfg.temporal_factor
     if (frames - 1) % f:
-        fail(f"--frames={frames} must be 1 + {f}*k for this checkpoint's VAE")
+        fail(f"{what or f'--frames={frames}'} must be 1 + {f}*k frames for this checkpoint's VAE")
     return 1 + (frames - 1) // f
 
 
@@ -287,7 +287,7 @@ def main(argv):
     elif o["video"]:
         prefix = read_video(o["video"], cfg["size"])
         if vae is not None:
-            latent_frames(prefix.shape[2], vae)
+            latent_frames(prefix.shape[2], vae, f"the clip {o['video']} has {prefix.shape[2]} frames; it")
         if prefix.shape[2] >= frames:
             fail(f"the video has {prefix.shape[2]} frames; ask for more with --frames (now {frames})")
         prefix = prefix.expand(len(captions), -1, -1, -1, -1)

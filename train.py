@@ -286,6 +286,12 @@ class VAETraining(nn.Module):
         return loss
 
 
+def vae_recipe(cfg):
+    """What a VAE run was trained on and for how long (stored in vae.pt; train_vae_first compares it)."""
+    return dict(vae_size=cfg.vae_size, steps=cfg.max_steps, frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
+                seed=cfg.seed)
+
+
 class VAETask:
     """Batches of shapes clips in [-1, 1]. No separate image batches are needed: the encoder is
     causal and replicate-padded, so frame 0 of every clip is encoded exactly as an image."""
@@ -322,7 +328,7 @@ class VAETask:
                 scores = evaluate.score_shapes(v.decode(v.encode(x.to(device))).cpu(), captions)
                 scores = {k: scores[k] for k in ("colour", "shape", "direction", "consistency")}
         torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db,
-                        scores=scores), os.path.join(out_dir, "vae.pt"))
+                        scores=scores, recipe=vae_recipe(self.cfg)), os.path.join(out_dir, "vae.pt"))
         print(f"held-out PSNR {db:.2f} dB on {16 * len(clips)} clips of {frames} frames; wrote {out_dir}/vae.pt")
         if scores:
             print("reconstructions of the 48 captions score (toy/evaluate.py, the clips score 1.0): "
@@ -376,11 +382,18 @@ class Video:
                              f"(the stage ratio {cfg.stage_ratio})")
         if cfg.model not in dit.SIZES:
             raise SystemExit(f"error: unknown --model={cfg.model!r}; choose from {', '.join(dit.SIZES)}")
-        self.vae = load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
+        if cfg.vae_ckpt:
+            self.vae = load_vae(cfg.vae_ckpt)
+        elif cfg.vae_steps > 0:  # its VAE is trained first (train_vae_first): check the settings against its shape now
+            if cfg.vae_size not in vae.VAE_SIZES:
+                raise SystemExit(f"error: unknown --vae_size={cfg.vae_size!r}; choose from {', '.join(vae.VAE_SIZES)}")
+            self.vae = vae.CausalVAE(vae.VAE_SIZES[cfg.vae_size]).requires_grad_(False)
+        else:
+            self.vae = None
         channels = self.vae.cfg.latent_channels if self.vae else 3
-        self.time_factor = f = self.vae.cfg.temporal_factor if self.vae else 1  # pixel frames per latent frame
-        if (cfg.frames - 1) % f:
-            raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {f}*k for this VAE (it compresses time {f}x)")
+        self.time_factor = tf = self.vae.cfg.temporal_factor if self.vae else 1  # pixel frames per latent frame
+        if (cfg.frames - 1) % tf:
+            raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {tf}*k for this VAE (it compresses time {tf}x)")
         changes = {f: getattr(cfg, f) for f in ("width", "depth", "heads") if getattr(cfg, f)}
         if cfg.patch:
             changes["patch_size"] = cfg.patch
@@ -440,7 +453,7 @@ class Video:
         if self.cfg.eval_captions <= 0:
             return
         import sample  # the generation code of the command line, shared
-        sample.report(model.net, self.cfg, self.vae, out_dir, device)
+        sample.report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
 
 
 def data_source(name):
@@ -482,8 +495,8 @@ def setup_distributed(cfg):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    if not torch.distributed.is_initialized():  # once per process, even when main() trains twice
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, rank, world, torch.device(device)
 
 
@@ -518,6 +531,13 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def same_weights(a, b):
+    """Two state dicts (or None) hold the same tensors."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
 def check_out_dir(cfg):
     """The checkpoint path of a run; refuses to overwrite one (or to resume a missing one)."""
     ckpt_path = os.path.join(cfg.out_dir or os.path.join("out", cfg.preset), "ckpt.pt")
@@ -531,21 +551,28 @@ def check_out_dir(cfg):
 
 def train_vae_first(cfg, quiet=False):
     """Phase 1 of a latent video preset (vae_steps > 0): the vae-toy recipe, shortened to vae_steps
-    steps of vae_frames-frame clips, in out_dir/vae; reused if its vae.pt is already there (a
-    resumed run). Returns the video run's config with vae_ckpt pointing at it."""
+    steps of vae_frames-frame clips of the run's data, in out_dir/vae. A vae.pt already there is
+    reused if it was trained the same way (or the run resumes: the checkpoint was trained on it);
+    --overwrite=true trains a new one. Returns the video run's config with vae_ckpt pointing at it."""
     check_out_dir(cfg)  # before minutes of VAE training, not after
+    TASKS[cfg.task](cfg)  # so are all video settings (against an untrained VAE of the same shape)
     vae_dir = os.path.join(cfg.out_dir or os.path.join("out", cfg.preset), "vae")
     vae_path = os.path.join(vae_dir, "vae.pt")
-    if os.path.exists(vae_path) and not (cfg.overwrite and not cfg.resume):
+    vae_cfg = dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
+                                  vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
+                                  seed=cfg.seed, device=cfg.device, threads=cfg.threads, out_dir=vae_dir,
+                                  overwrite=True)
+    if cfg.resume:
+        if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
+            raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")
+        return dataclasses.replace(cfg, vae_ckpt=vae_path)
+    same = os.path.exists(vae_path) and not cfg.overwrite and \
+        torch.load(vae_path, map_location="cpu", weights_only=False).get("recipe") == vae_recipe(vae_cfg)
+    if same:
         if not quiet and os.environ.get("RANK", "0") == "0":
-            print(f"using the VAE of an earlier run of this preset: {vae_path}")
-    elif cfg.resume:  # the video model was trained on that VAE's latents; another one would not do
-        raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")
+            print(f"using the VAE of an earlier run of this preset, trained the same way: {vae_path}")
     else:
-        vae_cfg = Config(preset="vae-toy", **PRESETS["vae-toy"])
-        train(dataclasses.replace(vae_cfg, max_steps=cfg.vae_steps, vae_frames=cfg.vae_frames, data=cfg.data,
-                                  size=cfg.size, out_dir=vae_dir,
-                                  overwrite=True, seed=cfg.seed, device=cfg.device, threads=cfg.threads), quiet)
+        train(vae_cfg, quiet)
     return dataclasses.replace(cfg, vae_ckpt=vae_path)
 
 
@@ -584,6 +611,9 @@ def train(cfg, quiet=False):
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
+        if not same_weights(ck.get("vae"), task.extra().get("vae")):
+            raise SystemExit(f"error: {ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
+                             f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     n_params = sum(p.numel() for p in model.parameters())
@@ -656,8 +686,7 @@ def train(cfg, quiet=False):
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         task.finish(ema, out_dir, device)
     if ddp:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # rank 0's files (checkpoint, vae.pt) exist for every rank now
     return history, model
 
 
@@ -672,6 +701,8 @@ def main(argv):
             compare(base)
     else:
         train(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,11 +50,12 @@ def test_bad_settings_get_one_line_errors(argv, msg):
     assert "\n" not in str(e.value)
 
 
-def test_bad_video_settings(tmp_path, tiny_vae):
+def test_bad_video_settings(tmp_path):
     with pytest.raises(SystemExit, match="multiple of 6"):
         train.Video(cfg_for("tiny-pixel", tmp_path, batch_size=8))
-    with pytest.raises(SystemExit, match="--frames=8 must be 1 \\+ 2\\*k"):  # before any training
-        train.Video(cfg_for("tiny", tmp_path, vae_ckpt=tiny_vae, frames=8))
+    with pytest.raises(SystemExit, match="--frames=8 must be 1 \\+ 2\\*k"):  # before the VAE phase trains
+        train.train(cfg_for("tiny", tmp_path, frames=8, vae_steps=1), quiet=True)
+    assert not (tmp_path / "tiny" / "vae").exists()
     with pytest.raises(SystemExit, match="--sample_steps needs 2"):  # checked before training, not after
         train.Video(cfg_for("tiny", tmp_path, K=2, stage_ratio="1,1"))
     with pytest.raises(SystemExit, match="cannot be halved"):
@@ -147,10 +148,23 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
     ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     assert ck["config"]["vae_ckpt"] == vae_pt and ck["vae"] is not None  # the video model is latent
     before = os.path.getmtime(vae_pt)
-    with pytest.raises(SystemExit, match="exists; pass --resume=true"):  # refused before any VAE work
-        train.train(cfg, quiet=True)
     losses, _ = train.train(dataclasses.replace(cfg, max_steps=2, resume=True), quiet=True)
     assert len(losses) == 2 and os.path.getmtime(vae_pt) == before  # resumed on the same VAE
+    os.remove(vae_pt)
+    with pytest.raises(SystemExit, match="exists; pass --resume=true"):
+        train.train(cfg, quiet=True)
+    assert not os.path.exists(vae_pt)  # refused before any VAE work
+    with pytest.raises(SystemExit, match="VAE .* is missing"):
+        train.train(dataclasses.replace(cfg, resume=True), quiet=True)
+    train.train(dataclasses.replace(cfg, overwrite=True), quiet=True)  # a new VAE, then a new video model
+    assert os.path.exists(vae_pt)
+
+
+def test_resume_refuses_another_vae(tmp_path, tiny_vae):
+    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=3, vae_steps=1, eval_captions=0))
+    train.train(cfg, quiet=True)
+    with pytest.raises(SystemExit, match="trained on another VAE"):
+        train.train(dataclasses.replace(cfg, max_steps=2, resume=True, vae_ckpt=tiny_vae), quiet=True)
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
@@ -169,24 +183,38 @@ def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- DDP
 
-def _ddp_worker(rank, port, out_dir):
+def _ddp_worker(rank, port, out_dir, preset="toy2d"):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = dataclasses.replace(train.parse_args(["--preset=toy2d"]), coupling="coupled", max_steps=3,
-                              batch_size=16, out_dir=out_dir, device="cpu")
+    if preset == "toy2d":
+        kw = dict(coupling="coupled", max_steps=3, batch_size=16)
+    else:  # tiny: its VAE phase, then the video model, in one process group
+        kw = dict(TINY_VIDEO, batch_size=3, vae_steps=1, max_steps=2, eval_captions=0)
+    cfg = dataclasses.replace(train.parse_args([f"--preset={preset}"]), out_dir=out_dir, device="cpu", **kw)
     _, model = train.train(cfg, quiet=True)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()  # train() leaves the group to its caller (main)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     torch.manual_seed(0)  # train() seeds with cfg.seed before building the model
     init = train.Toy2DVelocity(128).state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train
+
+
+def test_two_process_ddp_runs_the_vae_phase_then_the_video_model(tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), "tiny"), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "vae" / "vae.pt").exists() and (tmp_path / "ckpt.pt").exists()
