@@ -293,19 +293,21 @@ def vae_recipe(cfg):
 
 
 class VAETask:
-    """Batches of shapes clips in [-1, 1]. No separate image batches are needed: the encoder is
-    causal and replicate-padded, so frame 0 of every clip is encoded exactly as an image."""
+    """Batches of clips of the run's data (shapes by default) in [-1, 1]. No separate image batches
+    are needed: the encoder is causal and replicate-padded, so frame 0 of every clip is encoded
+    exactly as an image."""
     held_out_seed = 10 ** 15 + 7  # far from the (seed, rank, step) seeds of the training batches
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.data = data_source(cfg.data)
 
     def model(self):
         return VAETraining(self.cfg)
 
     def batch(self, g, device):
-        x, _ = data_source(self.cfg.data)(self.cfg.batch_size, frames=self.cfg.vae_frames, size=self.cfg.size,
-                                          generator=g)  # [B, 3, T, H, W]
+        x, _ = self.data(self.cfg.batch_size, frames=self.cfg.vae_frames, size=self.cfg.size,
+                         generator=g)  # [B, 3, T, H, W]
         return dict(x=x.to(device))
 
     def extra(self):
@@ -316,8 +318,7 @@ class VAETask:
         v = model.vae.eval()
         frames = 1 + 4 * v.cfg.temporal_factor  # longer than the training clips: the VAE is convolutional
         g = torch.Generator().manual_seed(self.held_out_seed)
-        source = data_source(self.cfg.data)
-        clips = [source(16, frames=frames, size=self.cfg.size, generator=g)[0].to(device) for _ in range(4)]
+        clips = [self.data(16, frames=frames, size=self.cfg.size, generator=g)[0].to(device) for _ in range(4)]
         vae.estimate_latent_stats(v, clips)
         scores = {}
         with torch.no_grad():
@@ -531,6 +532,11 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def run_dir(cfg):
+    """Where a run writes: --out_dir, or out/<preset>."""
+    return cfg.out_dir or os.path.join("out", cfg.preset)
+
+
 def same_weights(a, b):
     """Two state dicts (or None) hold the same tensors."""
     if a is None or b is None:
@@ -540,7 +546,7 @@ def same_weights(a, b):
 
 def check_out_dir(cfg):
     """The checkpoint path of a run; refuses to overwrite one (or to resume a missing one)."""
-    ckpt_path = os.path.join(cfg.out_dir or os.path.join("out", cfg.preset), "ckpt.pt")
+    ckpt_path = os.path.join(run_dir(cfg), "ckpt.pt")
     if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume=true to continue it, "
                          f"--overwrite=true to replace it, or another --out_dir")
@@ -556,7 +562,7 @@ def train_vae_first(cfg, quiet=False):
     --overwrite=true trains a new one. Returns the video run's config with vae_ckpt pointing at it."""
     check_out_dir(cfg)  # before minutes of VAE training, not after
     TASKS[cfg.task](cfg)  # so are all video settings (against an untrained VAE of the same shape)
-    vae_dir = os.path.join(cfg.out_dir or os.path.join("out", cfg.preset), "vae")
+    vae_dir = os.path.join(run_dir(cfg), "vae")
     vae_path = os.path.join(vae_dir, "vae.pt")
     vae_cfg = dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
                                   vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
@@ -589,7 +595,7 @@ def train(cfg, quiet=False):
         cfg = train_vae_first(cfg, quiet)
     ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    out_dir = cfg.out_dir or os.path.join("out", cfg.preset)
+    out_dir = run_dir(cfg)
     ckpt_path = check_out_dir(cfg)
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -693,7 +699,7 @@ def train(cfg, quiet=False):
 def main(argv):
     cfg = parse_args(argv)
     if cfg.task == "toy2d" and cfg.coupling == "both":
-        base = cfg.out_dir or os.path.join("out", cfg.preset)
+        base = run_dir(cfg)
         for coupling in ("coupled", "independent"):
             train(dataclasses.replace(cfg, coupling=coupling, out_dir=os.path.join(base, coupling)))
         if "RANK" not in os.environ or os.environ["RANK"] == "0":
