@@ -13,7 +13,8 @@ from PIL import Image
 import sample
 import train
 
-FAST = ["--steps=1,1,1", "--steps_later=1,1,1"]
+FAST = ["--steps=1,1,1", "--steps_later=1,1,1"]  # the pixel checkpoint (K = 3)
+FAST_LATENT = ["--steps=1,1", "--steps_later=1,1"]  # the tiny preset as it is (K = 2)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
                               depth=1, heads=1, batch_size=6, frames=3, eval_captions=0,
-                              vae_steps=0, patch=4)  # pixel space: exact frames in, exact frames out
+                              vae_steps=0, patch=4, K=3, stage_ratio="1,1,1", sample_steps="1,1,1",
+                              sample_steps_later="1,1,1", data_pool=0)  # pixel space: exact frames in and out
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")
 
@@ -31,7 +33,7 @@ def latent_ckpt(tmp_path_factory):
     """The tiny preset as it is: a VAE first, then the video model on its latents (one step each)."""
     out = tmp_path_factory.mktemp("tiny_latent")
     cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, vae_steps=1,
-                              width=32, depth=1, heads=1, batch_size=3, frames=5, eval_captions=0)
+                              width=32, depth=1, heads=1, batch_size=3, frames=5, eval_captions=0, data_pool=6)
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")
 
@@ -128,12 +130,12 @@ def test_latent_checkpoint_writes_video_and_keeps_a_given_first_frame(latent_ckp
     Image.fromarray(img).save(tmp_path / "first.png")
     for ext in ("mp4", "gif"):  # mp4 keeps every frame; gif keeps colours exactly (and merges repeats)
         run(f"--ckpt={latent_ckpt}", "--prompt=a yellow square moving up", f"--image={tmp_path / 'first.png'}",
-            f"--out={tmp_path / ('v.' + ext)}", "--frames=5", *FAST)
+            f"--out={tmp_path / ('v.' + ext)}", "--frames=5", *FAST_LATENT)
     frames = imageio.mimread(str(tmp_path / "v.mp4"))
     assert len(frames) == 5 and frames[0].shape[:2] == (32, 32)
     first = imageio.mimread(str(tmp_path / "v.gif"))[0][..., :3]
     assert np.abs(first.astype(int) - img).max() <= 1  # exact, not a VAE round trip
     with pytest.raises(SystemExit, match="1 \\+ 2\\*k"):  # a 2x-in-time VAE makes 1 + 2k frames
         run(f"--ckpt={latent_ckpt}", "--prompt=a red circle moving left", f"--out={tmp_path / 'w.gif'}",
-            "--frames=4", *FAST)
+            "--frames=4", *FAST_LATENT)
     assert not (tmp_path / "w.gif").exists()

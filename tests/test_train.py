@@ -10,9 +10,18 @@ import torch.multiprocessing as mp
 
 import train
 
-# a model and batch small enough for a one-step smoke run of any video preset
-TINY_VIDEO = dict(width=32, depth=1, heads=1, batch_size=6, frames=3, eval_captions=2,
-                  sample_steps="1,1,1", sample_steps_later="1,1,1", warmup_steps=1)
+
+
+def tiny_video(preset="tiny", **kw):
+    """Settings small enough for a one-step smoke run of a video preset: a 1-layer model, one Euler
+    step per stage of the preset's K, and a data set of 6 clips where the preset trains on one."""
+    K = train.PRESETS[preset].get("K", train.Config.K)
+    ones = ",".join(["1"] * K)
+    small = dict(width=32, depth=1, heads=1, batch_size=6, frames=3, eval_captions=2, sample_steps=ones,
+                 sample_steps_later=ones, warmup_steps=1)
+    if train.PRESETS[preset].get("data_pool"):
+        small["data_pool"] = 6
+    return small | kw
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +65,14 @@ def test_bad_video_settings(tmp_path):
     with pytest.raises(SystemExit, match="--frames=8 must be 1 \\+ 2\\*k"):  # before the VAE phase trains
         train.train(cfg_for("tiny", tmp_path, frames=8, vae_steps=1), quiet=True)
     assert not (tmp_path / "tiny" / "vae").exists()
-    with pytest.raises(SystemExit, match="--sample_steps needs 2"):  # checked before training, not after
-        train.Video(cfg_for("tiny", tmp_path, K=2, stage_ratio="1,1"))
+    with pytest.raises(SystemExit, match="--sample_steps needs 3"):  # checked before training, not after
+        train.Video(cfg_for("tiny", tmp_path, K=3, stage_ratio="1,1,1"))
     with pytest.raises(SystemExit, match="cannot be halved"):
         train.Video(cfg_for("tiny", tmp_path, size=36, K=4, stage_ratio="1,1,1,1"))
     with pytest.raises(SystemExit, match="stage_ratio"):
-        train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2"))
+        train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2,3"))
+    with pytest.raises(SystemExit, match="--data_pool=-1 must be >= 0"):
+        train.Video(cfg_for("tiny", tmp_path, data_pool=-1))
     with pytest.raises(SystemExit, match="--prediction must be v or x"):
         train.Video(cfg_for("tiny", tmp_path, prediction="eps"))
     with pytest.raises(SystemExit, match="--lr_decay must be none or cosine"):
@@ -78,7 +89,7 @@ def test_learning_rate_warm_up_then_constant_or_cosine():
 
 
 def test_x_prediction_trains_and_samples(tmp_path, tiny_vae):
-    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=6, prediction="x", vae_ckpt=tiny_vae))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=6, prediction="x", vae_ckpt=tiny_vae))
     losses, _ = train.train(cfg, quiet=True)
     assert torch.isfinite(torch.tensor(losses)).all()
     assert os.path.exists(os.path.join(cfg.out_dir, "samples.gif"))
@@ -91,7 +102,7 @@ def test_one_step_of_every_preset(preset, tmp_path):
     kw = {}
     if train.PRESETS[preset].get("task", "video") == "video":
         groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
-        kw = dict(TINY_VIDEO, model="toy", batch_size=groups)  # one sample per stage group
+        kw = tiny_video(preset, model="toy", batch_size=groups)  # one sample per stage group
         if train.PRESETS[preset].get("vae_steps"):
             kw["vae_steps"] = 1  # its VAE phase too, one step
         if train.PRESETS[preset].get("data") == "digits":
@@ -119,7 +130,7 @@ def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):
 # ---------------------------------------------------------------- resume, guards
 
 @pytest.mark.parametrize("preset,kw", [("toy2d", dict(coupling="coupled", batch_size=16)),
-                                       ("tiny", dict(TINY_VIDEO, eval_captions=0))])
+                                       ("tiny", tiny_video("tiny", eval_captions=0))])
 def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
     if train.PRESETS[preset].get("vae_steps"):
         kw = dict(kw, vae_ckpt=tiny_vae)
@@ -128,6 +139,23 @@ def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
     train.train(half, quiet=True)
     resumed, _ = train.train(dataclasses.replace(half, max_steps=4, resume=True), quiet=True)
     assert resumed == full  # exact on CPU
+
+
+def test_data_set_is_encoded_once_and_steps_draw_from_it(tmp_path, tiny_vae):
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", data_pool=5, vae_ckpt=tiny_vae))
+    task, encoded = train.Video(cfg), []
+    real_encode = task.encode
+    task.encode = lambda video: encoded.append(video.shape[:3]) or real_encode(video)
+    for step in range(3):
+        task.batch(train.step_generator(cfg, 0, step, 0), "cpu")
+    assert encoded == [(5, 3, cfg.frames)]  # the whole data set once, whole clips; no VAE work per step
+    latents, captions = task.pool
+    g = torch.Generator().manual_seed(0)
+    for frames in (cfg.frames, 1):  # a clip, or an image: its first latent frame
+        drawn, caps = task.clips(4, frames, g, "cpu")
+        assert drawn.shape[2] == (1 if frames == 1 else latents.shape[2])
+        for z, c in zip(drawn, caps):  # each one is a clip of the data set, with its caption
+            assert any(torch.equal(z, latents[j, :, :drawn.shape[2]]) and c == captions[j] for j in range(5))
 
 
 def test_existing_checkpoint_is_not_overwritten(tmp_path):
@@ -142,7 +170,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
 
 
 def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
-    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=3, vae_steps=1, eval_captions=0))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=1, eval_captions=0))
     train.train(cfg, quiet=True)
     vae_pt = os.path.join(cfg.out_dir, "vae", "vae.pt")
     ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
@@ -161,7 +189,7 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
 
 
 def test_resume_refuses_another_vae(tmp_path, tiny_vae):
-    cfg = cfg_for("tiny", tmp_path, **dict(TINY_VIDEO, batch_size=3, vae_steps=1, eval_captions=0))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=1, eval_captions=0))
     train.train(cfg, quiet=True)
     with pytest.raises(SystemExit, match="trained on another VAE"):
         train.train(dataclasses.replace(cfg, max_steps=2, resume=True, vae_ckpt=tiny_vae), quiet=True)
@@ -190,7 +218,7 @@ def _ddp_worker(rank, port, out_dir, preset="toy2d"):
     if preset == "toy2d":
         kw = dict(coupling="coupled", max_steps=3, batch_size=16)
     else:  # tiny: its VAE phase, then the video model, in one process group
-        kw = dict(TINY_VIDEO, batch_size=3, vae_steps=1, max_steps=2, eval_captions=0)
+        kw = tiny_video("tiny", batch_size=3, vae_steps=1, max_steps=2, eval_captions=0)
     cfg = dataclasses.replace(train.parse_args([f"--preset={preset}"]), out_dir=out_dir, device="cpu", **kw)
     _, model = train.train(cfg, quiet=True)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
