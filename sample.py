@@ -86,7 +86,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
              guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True):
     """Pixel videos [B, 3, frames, H, W] in [-1, 1] for `captions`; `prefix` [B, 3, P, H, W] holds
     given first frames (image-to-video, continuation). Unset options take the run's settings (the
-    steps of its end-of-training report); the command line passes the release's defaults."""
+    steps and guidance of its end-of-training report); the command line passes the release's step
+    counts and leaves the guidance to the run."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
     steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k

@@ -109,9 +109,9 @@ PRESETS = {
     # tiny (the README's quick start): shapes text-to-video, 32x32 pixels, 9 frames, on the latents of
     # a toy VAE that the run trains first (the paper's setting). 2-core CPU, `python train.py`, at most
     # 10 minutes: 900 steps of the vae-toy recipe (batch 4 of 5-frame clips; out/tiny/vae/vae.pt), a
-    # data set of 960 clips encoded once (20 per caption; steps then cost no VAE work), then 1100
-    # steps of 48 clips on a 2.4M-parameter MM-DiT (width 128, 4 layers, patch 2 on the 8x8x4
-    # latents: 16 and 4 tokens per frame at the K = 2 stages, sampled 1:2, 5 latent frames), then
+    # data set of 960 clips encoded once (20 per caption on average; steps then cost no VAE work),
+    # then 1100 steps of 48 clips on a 2.4M-parameter MM-DiT (width 128, 4 layers, patch 2 on the
+    # 8x8x4 latents: 16 and 4 tokens per frame at the K = 2 stages, sampled 1:2, 5 latent frames), then
     # one sampled video per caption (48) with guidance 3. K = 2, not 3: a third stage would be 2x2
     # latent pixels, smaller than the object. Guidance 3, not 5: objects kept their size better.
     # Result and its gap to the targets: README, "Install and run" (measured by

@@ -130,7 +130,8 @@ def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):
 # ---------------------------------------------------------------- resume, guards
 
 @pytest.mark.parametrize("preset,kw", [("toy2d", dict(coupling="coupled", batch_size=16)),
-                                       ("tiny", tiny_video("tiny", eval_captions=0))])
+                                       ("tiny", tiny_video("tiny", eval_captions=0)),
+                                       ("tiny", tiny_video("tiny", eval_captions=0, data_pool=0))])
 def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
     if train.PRESETS[preset].get("vae_steps"):
         kw = dict(kw, vae_ckpt=tiny_vae)
