@@ -430,10 +430,14 @@ class Video:
         self.vae.to(video.device)  # frozen, not part of the trained module: follows the data
         return self.vae.normalize(self.vae.encode(video))
 
+    def latent_frames(self, frames):
+        """Latent frames of a clip of `frames` pixel frames: 1 + f*k -> 1 + k (f = time_factor)."""
+        return 1 + (frames - 1) // self.time_factor
+
     def make_pool(self, device):
         """The fixed data set of --data_pool clips, encoded once: (latents [N, C, T, h, w], captions).
         Every process draws its own clips (from a generator apart from the steps' ones)."""
-        cfg, chunk = self.cfg, 64
+        cfg, chunk = self.cfg, 64  # clips per encoder call: bounded memory, few calls
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         g = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1) + rank)
         latents, captions = [], []
@@ -454,7 +458,7 @@ class Video:
             self.pool = self.make_pool(device)
         latents, captions = self.pool
         idx = torch.randint(len(captions), (per,), generator=g)
-        return latents[idx.to(latents.device), :, :1 + (frames - 1) // self.time_factor], [captions[j] for j in idx]
+        return latents[idx.to(latents.device), :, :self.latent_frames(frames)], [captions[j] for j in idx]
 
     def batch(self, g, device):
         cfg, K = self.cfg, self.cfg.K
@@ -463,12 +467,11 @@ class Video:
         for k in self.group_stages:
             frames = 1 if torch.rand(1, generator=g).item() < cfg.image_ratio else cfg.frames
             clips, captions = self.clips(per, frames, g, device)
-            f = self.time_factor
-            i = int(torch.randint(1 + (frames - 1) // f, (1,), generator=g))   # AR position (latent frame)
+            i = int(torch.randint(self.latent_frames(frames), (1,), generator=g))  # AR position (latent frame)
             if cfg.data_pool:
                 lat = clips[:, :, :i + 1]                                      # [b, C, i + 1, h, w]
             else:  # the encoder is causal: latents 0..i need only pixel frames 0..f*i (half the work on average)
-                lat = self.encode(clips[:, :, :1 + f * i].to(device))          # [b, C, i + 1, h, w]
+                lat = self.encode(clips[:, :, :1 + self.time_factor * i].to(device))  # [b, C, i + 1, h, w]
             history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g)  # Eq. 16
             x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)          # Eqs. 6, 9-11
             drop = torch.rand(per, generator=g) < cfg.caption_dropout
