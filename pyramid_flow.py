@@ -246,20 +246,21 @@ def history_levels(num_history, k, K):
     return [min(k + j - 1, K - 1) for j in range(num_history, 0, -1)]  # j = i - frame index
 
 
-def history_condition(history, k, K, corrupt=False, generator=None):
+def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 / 3):
     """The history condition of Eqs. 16 (training) and 17 (sampling).
 
     history: clean latents of the frames before the current one, [B, C, T, H, W], oldest first
     (T may be 0). Returns the list of T frames [B, C, h, w] at their pyramid resolutions
     (`history_levels`). With `corrupt=True` (training) each sample's history is degraded as
-    h = c eps + (1 - c) h with c ~ U[0, 1/3) per sample, eps unit-variance noise drawn at each
-    frame's own resolution, against error accumulation in autoregressive sampling.
+    h = c eps + (1 - c) h with c ~ U[0, max_noise) per sample (1/3 in the release), eps
+    unit-variance noise drawn at each frame's own resolution, against error accumulation in
+    autoregressive sampling.
     """
     B, T = history.shape[0], history.shape[2]
     if T == 0:
         return []
     if corrupt:
-        c = torch.rand(B, generator=generator, dtype=torch.float64).to(history.device, history.dtype) / 3
+        c = torch.rand(B, generator=generator, dtype=torch.float64).to(history.device, history.dtype) * max_noise
         c = c.view(B, 1, 1, 1)
     frames = []
     for j, level in enumerate(history_levels(T, k, K)):

@@ -1,5 +1,6 @@
 """Caption-following scores (toy/evaluate.py): ground truth scores 100%, shuffled captions score
-chance, empty or morphing videos fail, the Frechet distance matches its closed form.
+chance, empty or morphing videos fail, stray pixels do not change a shape but rounded corners do,
+the Frechet distance matches its closed form.
 Video legend: [B, C, T, H, W] in [-1, 1]."""
 import math
 
@@ -64,6 +65,51 @@ def test_empty_and_morphing_videos_fail():
     noise_speck = red[0].clone()
     noise_speck[:, :, 0, 0] = 1.0  # a white speck in the corner must not move the blob
     assert classify_shapes_video(noise_speck) == classify_shapes_video(red[0])
+
+
+def _bumped(video):
+    """Each frame's object grows a one-pixel bump at the middle of its left and top edges, in its
+    own colour: [B, 3, T, H, W] -> the same shape."""
+    out = video.clone()
+    for b in range(video.shape[0]):
+        for t in range(video.shape[2]):
+            ys, xs = torch.nonzero(video[b, :, t].max(0).values > 0, as_tuple=True)
+            colour = video[b, :, t, ys[0], xs[0]]
+            cy, cx = (int(ys.float().mean().round()), int(xs.float().mean().round()))
+            out[b, :, t, cy, xs.min() - 1] = colour
+            out[b, :, t, ys.min() - 1, cx] = colour
+    return out
+
+
+def test_two_stray_pixels_do_not_change_the_shape():
+    # a bounding-box ratio called these squares circles (121 px in a 12 x 12 box: fill 0.85)
+    captions = SHAPE_CAPTIONS * 2
+    video, _ = shapes_batch(len(captions), 5, generator=6, captions=captions)
+    assert score_shapes(_bumped(video), captions)["shape"] == 1.0
+
+
+def _rounded_square(size, side, radius):
+    """A red still frame [3, 1, size, size] with a centred square whose corners are rounded."""
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2).abs()
+    u, v = centres.view(1, size), centres.view(size, 1)
+    inner = (u - (side / 2 - radius)).clamp(min=0) ** 2 + (v - (side / 2 - radius)).clamp(min=0) ** 2
+    mask = (u < side / 2) & (v < side / 2) & (inner <= radius ** 2)
+    frame = torch.full((3, 1, size, size), -1.0)
+    frame[0, 0][mask] = 1.0
+    return frame
+
+
+@pytest.mark.parametrize("radius, shape", [(0.0, "square"), (0.2, "square"), (0.28, "square"),
+                                           (0.38, "circle"), (0.5, "circle")])
+def test_rounding_a_squares_corners_makes_it_a_circle(radius, shape):
+    # radius as a fraction of the side, at 128 px; the crossover is at 0.31 (the old box ratio's: 0.36)
+    assert classify_shapes_video(_rounded_square(128, 44, radius * 44))["shape"] == shape
+
+
+def test_a_triangle_upside_down_is_no_caption_shape():
+    video, _ = shapes_batch(1, 5, generator=7, captions=["a green triangle moving left"])
+    assert classify_shapes_video(video[0])["shape"] == "triangle"
+    assert classify_shapes_video(video[0].flip(2))["shape"] == "none"
 
 
 def test_frechet_distance():

@@ -281,6 +281,12 @@ def test_history_corruption_is_small_and_per_sample():
     m = 16 + 64
     rms = torch.cat([f.flatten(1) for f in frames], 1).pow(2).mean(1).sqrt()
     assert rms.max() < (1 / 3) * (1 + 5 / math.sqrt(2 * m)) and rms.min() < 0.05
+    # max_noise bounds c: 0.1 here (rms up to 0.1), 0 leaves the history clean
+    small = pf.history_condition(h, 0, 3, corrupt=True, generator=gen(19), max_noise=0.1)
+    rms = torch.cat([f.flatten(1) for f in small], 1).pow(2).mean(1).sqrt()
+    assert 0.09 < rms.max() < 0.1 * (1 + 5 / math.sqrt(2 * m))
+    clean = pf.history_condition(h + 1, 0, 3, corrupt=True, generator=gen(19), max_noise=0.0)
+    assert all(torch.equal(f, torch.ones_like(f)) for f in clean)
 
 
 def test_paper_token_counts():

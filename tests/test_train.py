@@ -73,6 +73,8 @@ def test_bad_video_settings(tmp_path):
         train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2,3"))
     with pytest.raises(SystemExit, match="--data_pool=-1 must be >= 0"):
         train.Video(cfg_for("tiny", tmp_path, data_pool=-1))
+    with pytest.raises(SystemExit, match="--history_noise=1.5 must be in \\[0, 1\\]"):
+        train.Video(cfg_for("tiny", tmp_path, history_noise=1.5))
     with pytest.raises(SystemExit, match="--prediction must be v or x"):
         train.Video(cfg_for("tiny", tmp_path, prediction="eps"))
     with pytest.raises(SystemExit, match="--lr_decay must be none or cosine"):
@@ -187,6 +189,22 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
         train.train(dataclasses.replace(cfg, resume=True), quiet=True)
     train.train(dataclasses.replace(cfg, overwrite=True), quiet=True)  # a new VAE, then a new video model
     assert os.path.exists(vae_pt)
+
+
+def test_vae_phase_takes_the_runs_vae_loss_settings(tmp_path):
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=2, eval_captions=0, max_steps=1),
+                  kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1")
+    train.train(cfg, quiet=True)
+    ck = torch.load(os.path.join(cfg.out_dir, "vae", "vae.pt"), map_location="cpu", weights_only=False)
+    assert {k: ck["recipe"][k] for k in ("kl_weight", "disc_weight", "disc_start", "pixel_loss")} == \
+        dict(kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1")
+
+
+def test_spike_skip_only_against_a_positive_running_mean():
+    assert train.is_spike(3.1, 1.0, 3.0) and not train.is_spike(2.9, 1.0, 3.0)
+    assert not train.is_spike(3.1, None, 3.0) and not train.is_spike(100.0, 1.0, 0.0)
+    # the VAE's adversarial loss goes negative: against a mean of -40, -17 is no spike
+    assert not train.is_spike(-17.0, -40.0, 3.0)
 
 
 def test_resume_refuses_another_vae(tmp_path, tiny_vae):

@@ -5,8 +5,9 @@ report and by the toy experiments (Fig. 7, 8, 10, 11 analogues of the paper).
 Shapes (no learned parts, so the score cannot be fooled by a model that fooled a classifier):
 segment the object as the largest connected blob of bright pixels in every frame, then
   colour     nearest of the 4 pure colours to the mean colour of the object pixels (all frames),
-  shape      median over frames of the bounding-box fill ratio (square 1, circle pi/4,
-             triangle 1/2), plus a triangle must carry its mass low (it points up),
+  shape      the nearest template: the intersection over union (IoU) of the blob with a circle,
+             a square, an upward and a downward triangle, each of the blob's area and centred on
+             its centroid; the best mean IoU over frames wins ("none" for the downward triangle),
   direction  least-squares velocity of the blob centroid: dominant axis and its sign,
   consistency  every frame has an object, its area stays within +-20% of the first frame's, and
              its per-frame colour and shape never change (Fig. 11: subjects that morph fail).
@@ -17,6 +18,7 @@ Inception weights).
 
 Tensor legend: video [B, C, T, H, W] in [-1, 1] with C = 3; images [N, C, H, W]; features [N, D].
 """
+import math
 import os
 
 import numpy as np
@@ -28,9 +30,6 @@ from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, p
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
 AREA_TOLERANCE = 0.2  # consistency: area within +-20% of the first frame's
-SQUARE_FILL = 0.89  # fill ratio above: square (1.0); midway to a rasterised circle (~0.8)
-TRIANGLE_FILL = 0.65  # fill ratio below: triangle (~0.5); midway to a circle
-TRIANGLE_LOW = 0.04  # a triangle's centroid sits >= 4% of its height below the box centre (~17%)
 CROP = 16  # px: the digit classifier's window, a digit sprite in a 32 px frame (toy/data.py)
 REFERENCE_SIZE = 32  # px: the frame size the digit classifier is trained at
 JITTER = (0.2, 0.1, 0.1)  # training augmentation: +-0.2 rad, +-10% scale, shifts of +-5% of the crop
@@ -78,13 +77,37 @@ def _directions(centroids, valid, size):
     return out
 
 
-def _shape_codes(fill, low):
-    """Shape index into SHAPES from bounding-box fill ratio and the centroid's drop below the box
-    centre (fraction of its height); -1 for none (empty, or a triangle pointing down)."""
-    code = torch.where(fill >= TRIANGLE_FILL, SHAPES.index("circle"),
-                       torch.where(low >= TRIANGLE_LOW, SHAPES.index("triangle"), -1))
-    code = torch.where(fill >= SQUARE_FILL, SHAPES.index("square"), code)
-    return torch.where(fill.isnan(), -1, code)
+def _template_ious(mask):
+    """IoU of each frame's blob (mask [N, H, W] bool) with templates of its area centred on its
+    centroid, on pixel centres: [N, 4] for circle, square, triangle (apex up, base = height, as
+    toy/data.py draws them) and the same triangle upside down. The data's own shapes match their
+    template exactly (IoU 1). Whole-blob overlap, not the bounding box: the box fill ratio this
+    replaced (square 1, circle pi/4, cut at 0.89) called a square with two one-pixel bumps a circle.
+    Rounded corners turn a square into a circle here from a radius of 0.31 x the side (the box
+    ratio: 0.36), so the overlap is no more lenient about corners (tests/test_evaluate.py)."""
+    N, H, W = mask.shape
+    m = mask.float()
+    area = m.sum((1, 2)).clamp(min=1).view(N, 1, 1)
+    ys, xs = torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5
+    cy = (m.sum(2) * ys).sum(1).view(N, 1, 1) / area
+    cx = (m.sum(1) * xs).sum(1).view(N, 1, 1) / area
+    u, v = xs.view(1, 1, W) - cx, ys.view(1, H, 1) - cy  # offsets from the centroid
+    side = area.sqrt()  # square: side^2 = area
+    height = (2 * area).sqrt()  # triangle: base = height, area height^2 / 2
+    down = v + 2 * height / 3  # from the apex of an upward triangle (its centroid is 2/3 below it)
+    up = 2 * height / 3 - v  # from the apex of a downward one
+    templates = [u ** 2 + v ** 2 <= area / math.pi,
+                 (u.abs() < side / 2) & (v.abs() < side / 2),
+                 (down >= 0) & (down < height) & (u.abs() <= down / 2),
+                 (up >= 0) & (up < height) & (u.abs() <= up / 2)]
+    return torch.stack([(t & mask).sum((1, 2)) / (t | mask).sum((1, 2)).clamp(min=1) for t in templates], 1)
+
+
+def _shape_codes(ious):
+    """Shape index into SHAPES of the best template (ious [..., 4]); -1 for a downward triangle or
+    no object (NaN)."""
+    code = ious.argmax(-1)
+    return torch.where((code == 3) | ious.isnan().any(-1), -1, code)
 
 
 def classify_shapes(videos):
@@ -96,26 +119,18 @@ def classify_shapes(videos):
     m = mask.float()
     area = m.sum((1, 2))  # [N]
     valid = area > 0
-    nan_if_empty = torch.where(valid, 1.0, torch.nan)
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    rows, cols = mask.any(2), mask.any(1)  # [N, H], [N, W]
-    top = torch.where(rows, ys, torch.inf).min(1).values
-    bottom = torch.where(rows, ys, -torch.inf).max(1).values
-    left = torch.where(cols, xs, torch.inf).min(1).values
-    right = torch.where(cols, xs, -torch.inf).max(1).values
-    height = bottom - top + 1
-    fill = area / (height * (right - left + 1)) * nan_if_empty  # square 1, circle ~0.8, triangle ~0.55
     cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
     cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
-    low = (cy - (top + bottom) / 2) / height * nan_if_empty  # > 0: mass in the lower half
+    ious = torch.where(valid[:, None], _template_ious(mask), torch.nan)  # [N, 4], NaN: no object
 
     palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
     pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
     frame_colour = torch.cdist(pixel_sum / area.clamp(min=1)[:, None], palette).argmin(1)  # [N]
     video_colour = torch.cdist(pixel_sum.view(B, T, 3).sum(1) / area.view(B, T).sum(1).clamp(min=1)[:, None],
                                palette).argmin(1)  # [B]: mean colour of all object pixels
-    frame_shape = _shape_codes(fill, low).view(B, T)
-    video_shape = _shape_codes(fill.view(B, T).nanmedian(1).values, low.view(B, T).nanmedian(1).values)
+    frame_shape = _shape_codes(ious).view(B, T)
+    video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))  # best mean IoU over the frames with an object
     valid, area = valid.view(B, T), area.view(B, T)
     directions = _directions(torch.stack([cx, cy], 1).view(B, T, 2), valid, max(H, W))
 
