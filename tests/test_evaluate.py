@@ -68,21 +68,21 @@ def test_empty_and_morphing_videos_fail():
 
 
 def _bumped(video):
-    """Each frame's object grows a one-pixel bump at the middle of its left and top edges, in its
-    own colour: [B, 3, T, H, W] -> the same shape."""
+    """Each frame's object grows two one-pixel bumps in its own colour, touching it: left of its
+    centroid's row and above its centroid's column. [B, 3, T, H, W] -> the same shape."""
     out = video.clone()
     for b in range(video.shape[0]):
         for t in range(video.shape[2]):
             ys, xs = torch.nonzero(video[b, :, t].max(0).values > 0, as_tuple=True)
             colour = video[b, :, t, ys[0], xs[0]]
             cy, cx = (int(ys.float().mean().round()), int(xs.float().mean().round()))
-            out[b, :, t, cy, xs.min() - 1] = colour
-            out[b, :, t, ys.min() - 1, cx] = colour
+            out[b, :, t, cy, xs[ys == cy].min() - 1] = colour
+            out[b, :, t, ys[xs == cx].min() - 1, cx] = colour
     return out
 
 
 def test_two_stray_pixels_do_not_change_the_shape():
-    # a bounding-box ratio called these squares circles (121 px in a 12 x 12 box: fill 0.85)
+    # a bounding-box ratio called these squares circles (123 px in a 12 x 12 box: fill 0.85)
     captions = SHAPE_CAPTIONS * 2
     video, _ = shapes_batch(len(captions), 5, generator=6, captions=captions)
     assert score_shapes(_bumped(video), captions)["shape"] == 1.0
@@ -100,16 +100,22 @@ def _rounded_square(size, side, radius):
 
 
 @pytest.mark.parametrize("radius, shape", [(0.0, "square"), (0.2, "square"), (0.28, "square"),
-                                           (0.38, "circle"), (0.5, "circle")])
+                                           (0.34, "circle"), (0.5, "circle")])
 def test_rounding_a_squares_corners_makes_it_a_circle(radius, shape):
     # radius as a fraction of the side, at 128 px; the crossover is at 0.31 (the old box ratio's: 0.36)
     assert classify_shapes_video(_rounded_square(128, 44, radius * 44))["shape"] == shape
 
 
-def test_a_triangle_upside_down_is_no_caption_shape():
+def test_a_triangle_upside_down_a_bar_or_a_speck_is_no_caption_shape():
     video, _ = shapes_batch(1, 5, generator=7, captions=["a green triangle moving left"])
     assert classify_shapes_video(video[0])["shape"] == "triangle"
     assert classify_shapes_video(video[0].flip(2))["shape"] == "none"
+    bar = torch.full((3, 1, 32, 32), -1.0)
+    bar[1, 0, 8:23, 14:17] = 1.0  # 3 x 15 px: the two triangles fit it best, and equally well
+    assert classify_shapes_video(bar)["shape"] == "none"
+    speck = torch.full((3, 1, 32, 32), -1.0)
+    speck[0, 0, 10:12, 10:12] = 1.0  # 4 px: every template fits it
+    assert classify_shapes_video(speck)["shape"] == "none"
 
 
 def test_frechet_distance():

@@ -30,6 +30,7 @@ from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, p
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
 AREA_TOLERANCE = 0.2  # consistency: area within +-20% of the first frame's
+MIN_SHAPE_AREA = 9  # px: a smaller blob (a speck, which every template fits) has no shape
 CROP = 16  # px: the digit classifier's window, a digit sprite in a 32 px frame (toy/data.py)
 REFERENCE_SIZE = 32  # px: the frame size the digit classifier is trained at
 JITTER = (0.2, 0.1, 0.1)  # training augmentation: +-0.2 rad, +-10% scale, shifts of +-5% of the crop
@@ -104,10 +105,12 @@ def _template_ious(mask):
 
 
 def _shape_codes(ious):
-    """Shape index into SHAPES of the best template (ious [..., 4]); -1 for a downward triangle or
-    no object (NaN)."""
-    code = ious.argmax(-1)
-    return torch.where((code == 3) | ious.isnan().any(-1), -1, code)
+    """Shape index into SHAPES of the best template (ious [..., 4]); -1 for no object or a speck
+    (NaN), and for a blob no more like the upward triangle than the downward one (a downward
+    triangle, or anything symmetric top to bottom whose best template is a triangle)."""
+    code = ious.argmax(-1)  # ties go to the lower index: circle before square before triangle
+    not_up = (code >= 2) & (ious[..., 3] >= ious[..., 2])
+    return torch.where(not_up | ious.isnan().any(-1), -1, code)
 
 
 def classify_shapes(videos):
@@ -122,7 +125,7 @@ def classify_shapes(videos):
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
     cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
     cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
-    ious = torch.where(valid[:, None], _template_ious(mask), torch.nan)  # [N, 4], NaN: no object
+    ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask), torch.nan)  # [N, 4], NaN: no shape
 
     palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
     pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
