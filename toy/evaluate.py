@@ -7,7 +7,8 @@ segment the object as the largest connected blob of bright pixels in every frame
   colour     nearest of the 4 pure colours to the mean colour of the object pixels (all frames),
   shape      the nearest template: the intersection over union (IoU) of the blob with a circle,
              a square, an upward and a downward triangle, each of the blob's area and centred on
-             its centroid; the best mean IoU over frames wins ("none" for the downward triangle),
+             its centroid; the best mean IoU over frames wins ("none" for the downward triangle
+             and for a speck under MIN_SHAPE_AREA pixels),
   direction  least-squares velocity of the blob centroid: dominant axis and its sign,
   consistency  every frame has an object, its area stays within +-20% of the first frame's, and
              its per-frame colour and shape never change (Fig. 11: subjects that morph fail).
@@ -133,7 +134,7 @@ def classify_shapes(videos):
     video_colour = torch.cdist(pixel_sum.view(B, T, 3).sum(1) / area.view(B, T).sum(1).clamp(min=1)[:, None],
                                palette).argmin(1)  # [B]: mean colour of all object pixels
     frame_shape = _shape_codes(ious).view(B, T)
-    video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))  # best mean IoU over the frames with an object
+    video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))  # best mean IoU over frames with a shape
     valid, area = valid.view(B, T), area.view(B, T)
     directions = _directions(torch.stack([cx, cy], 1).view(B, T, 2), valid, max(H, W))
 
