@@ -127,8 +127,8 @@ PRESETS = {
     # tiny-pixel: the quick start in pixel space, as it was before the VAE phase (8 frames, the 5.3M
     # toy MM-DiT with patch 4: 8x8, 4x4 and 2x2 tokens per frame, stages sampled 2:3:1). 2-core
     # CPU, `python train.py --preset=tiny-pixel`, about 10 minutes: colour 1.000, shape 0.000 (with the
-    # bounding-box shape rule of commit 4ab44b1), direction 0.625 (README). toy/oracle.py (pixel checkpoints only) shows that its
-    # full-resolution stage is what loses the shapes.
+    # bounding-box shape rule of commit 4ab44b1), direction 0.625 (README). toy/oracle.py (pixel
+    # checkpoints only) shows that its full-resolution stage is what loses the shapes.
     "tiny-pixel": dict(task="video", data="shapes", frames=8, size=32, model="toy", patch=4, stage_ratio="2,3,1",
                        max_steps=800, batch_size=24, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
                        eval_captions=48, sample_steps="10,10,10", sample_steps_later="5,5,5"),
@@ -293,11 +293,13 @@ class VAETraining(nn.Module):
         return loss
 
 
+VAE_LOSS_FIELDS = ("kl_weight", "pixel_loss", "disc_weight", "disc_start")  # a video run's VAE phase takes these
+
+
 def vae_recipe(cfg):
     """What a VAE run was trained on and for how long (stored in vae.pt; train_vae_first compares it)."""
     return dict(vae_size=cfg.vae_size, steps=cfg.max_steps, frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
-                seed=cfg.seed, kl_weight=cfg.kl_weight, pixel_loss=cfg.pixel_loss, disc_weight=cfg.disc_weight,
-                disc_start=cfg.disc_start)
+                seed=cfg.seed, **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
 
 
 class VAETask:
@@ -611,9 +613,8 @@ def train_vae_first(cfg, quiet=False):
     vae_path = os.path.join(vae_dir, "vae.pt")
     vae_cfg = dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
                                   vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
-                                  kl_weight=cfg.kl_weight, pixel_loss=cfg.pixel_loss, disc_weight=cfg.disc_weight,
-                                  disc_start=cfg.disc_start, seed=cfg.seed, device=cfg.device, threads=cfg.threads, out_dir=vae_dir,
-                                  overwrite=True)
+                                  seed=cfg.seed, device=cfg.device, threads=cfg.threads, out_dir=vae_dir,
+                                  overwrite=True, **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
     if cfg.resume:
         if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
             raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")

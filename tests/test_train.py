@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import train
 
 
-
 def tiny_video(preset="tiny", **kw):
     """Settings small enough for a one-step smoke run of a video preset: a 1-layer model, one Euler
     step per stage of the preset's K, and a data set of 6 clips where the preset trains on one."""

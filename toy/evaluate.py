@@ -79,21 +79,19 @@ def _directions(centroids, valid, size):
     return out
 
 
-def _template_ious(mask):
-    """IoU of each frame's blob (mask [N, H, W] bool) with templates of its area centred on its
-    centroid, on pixel centres: [N, 4] for circle, square, triangle (apex up, base = height, as
-    toy/data.py draws them) and the same triangle upside down. The data's own shapes match their
+def _template_ious(mask, area, cy, cx):
+    """IoU of each frame's blob (mask [N, H, W] bool; its area, centroid row and column [N], in
+    pixel indices) with templates of its area centred on its centroid, tested at pixel centres
+    (offsets from the centroid, so the half pixel cancels): [N, 4] for circle, square, triangle
+    (apex up, base = height, as toy/data.py draws them) and the same triangle upside down. The data's own shapes match their
     template exactly (IoU 1). Whole-blob overlap, not the bounding box: the box fill ratio this
     replaced (square 1, circle pi/4, cut at 0.89) called a square with two one-pixel bumps a circle.
     Rounded corners turn a square into a circle here from a radius of 0.31 x the side (the box
     ratio: 0.36), so the overlap is no more lenient about corners (tests/test_evaluate.py)."""
     N, H, W = mask.shape
-    m = mask.float()
-    area = m.sum((1, 2)).clamp(min=1).view(N, 1, 1)
-    ys, xs = torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5
-    cy = (m.sum(2) * ys).sum(1).view(N, 1, 1) / area
-    cx = (m.sum(1) * xs).sum(1).view(N, 1, 1) / area
-    u, v = xs.view(1, 1, W) - cx, ys.view(1, H, 1) - cy  # offsets from the centroid
+    area = area.clamp(min=1).view(N, 1, 1)
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    u, v = xs.view(1, 1, W) - cx.view(N, 1, 1), ys.view(1, H, 1) - cy.view(N, 1, 1)  # [N, 1, W], [N, H, 1]
     side = area.sqrt()  # square: side^2 = area
     height = (2 * area).sqrt()  # triangle: base = height, area height^2 / 2
     down = v + 2 * height / 3  # from the apex of an upward triangle (its centroid is 2/3 below it)
@@ -126,7 +124,7 @@ def classify_shapes(videos):
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
     cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
     cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
-    ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask), torch.nan)  # [N, 4], NaN: no shape
+    ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask, area, cy, cx), torch.nan)  # [N, 4]
 
     palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
     pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
