@@ -197,7 +197,7 @@ def report(net, cfg, vae, out_dir, device, seed=1234):
     if cfg["data"] == "shapes":
         scores = evaluate.score_shapes(videos.cpu(), captions)
     else:
-        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), size=cfg["size"])
+        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
         scores = evaluate.score_digits(videos.cpu(), captions, clf)
     scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
     write_video(os.path.join(out_dir, "samples.gif"), tile(videos, cols=8))

@@ -1,5 +1,5 @@
 """Caption-following scores (toy/evaluate.py): ground truth scores 100%, shuffled captions score
-chance, empty or morphing videos fail, stray pixels do not change a shape but rounded corners do,
+chance, empty, morphing or growing videos fail, stray pixels do not change a shape but rounded corners do,
 the Frechet distance matches its closed form.
 Video legend: [B, C, T, H, W] in [-1, 1]."""
 import math
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from toy.data import SHAPE_CAPTIONS, shapes_batch
+from toy.data import MARGIN, OBJECT_FRACTION, SHAPE_CAPTIONS, motion_speed, shapes_batch
 from toy.evaluate import classify_shapes_video, frechet_distance, score_shapes
 
 CHANCE = {"colour": 1 / 4, "shape": 1 / 3, "direction": 1 / 4}
@@ -18,9 +18,11 @@ def test_ground_truth_scores_perfectly(frames, size, seed):
     captions = SHAPE_CAPTIONS * 4  # every caption, four random placements each
     video, _ = shapes_batch(len(captions), frames, size, generator=seed, captions=captions)
     scores = score_shapes(video, captions)
-    for key in ("colour", "shape", "direction", "consistency"):
+    for key in ("colour", "shape", "direction", "size_kept", "consistency"):
         assert scores[key] == 1.0, key
     assert scores["area_change"] == 0.0
+    speed = motion_speed(frames, size, round(size * OBJECT_FRACTION), MARGIN)  # px/frame of the data
+    assert scores["travel"] == pytest.approx(speed * (frames - 1), abs=1e-4)
 
 
 def test_robust_to_noise_and_blur():
@@ -60,6 +62,14 @@ def test_empty_and_morphing_videos_fail():
     blue, _ = shapes_batch(1, 8, generator=g, captions=["a blue circle moving right"])
     morph = torch.cat([red[:, :, :4], blue[:, :, 4:]], dim=2)[0]  # changes colour and shape mid-clip
     assert not classify_shapes_video(morph)["consistent"]
+    recoloured = red[0].clone()
+    recoloured[:, 4:] = recoloured[:, 4:].roll(2, dims=0)  # red -> blue from frame 4, same pixels
+    pred = classify_shapes_video(recoloured)
+    assert pred["size_kept"] and not pred["consistent"]
+    grown = red[0].clone()  # from frame 4 the square grows a pixel on every side: 11 -> 13 px, +40%
+    grown[:, 4:] = torch.nn.functional.max_pool2d(grown[:, 4:], 3, stride=1, padding=1)
+    pred = classify_shapes_video(grown)
+    assert not pred["size_kept"] and not pred["consistent"] and pred["area_change"] > 0.3
     still = red[0, :, :1].expand(-1, 8, -1, -1)  # an object that never moves
     assert classify_shapes_video(still)["direction"] == "none"
     noise_speck = red[0].clone()
@@ -148,4 +158,4 @@ def test_digit_classifier_trains_and_caches(tmp_path):
     assert feats.shape[0] == 6 * 4 and torch.isfinite(feats).all()
     scores = score_digits(video, captions, again)
     assert scores["direction"] == 1.0  # the ink centroid tracks ground truth exactly
-    assert set(scores) == {"digit", "direction", "consistency"}
+    assert set(scores) == {"digit", "direction", "size_kept", "consistency"} and scores["size_kept"] == 1.0

@@ -139,3 +139,12 @@ def test_latent_checkpoint_writes_video_and_keeps_a_given_first_frame(latent_ckp
         run(f"--ckpt={latent_ckpt}", "--prompt=a red circle moving left", f"--out={tmp_path / 'w.gif'}",
             "--frames=4", *FAST_LATENT)
     assert not (tmp_path / "w.gif").exists()
+
+
+def test_guidance_sweep_prints_a_row_per_pair(latent_ckpt, capsys):
+    from toy import sweep_guidance
+    sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2:2,3:1", "--seeds=1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [r[:2] for r in rows] == [["2", "2"], ["3", "1"]] and all(len(r) == 8 for r in rows)
+    with pytest.raises(SystemExit, match="guidance:video_guidance"):
+        sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2"])

