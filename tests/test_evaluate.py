@@ -56,6 +56,7 @@ def test_empty_and_morphing_videos_fail():
     assert pred["colour"] == pred["shape"] == pred["direction"] == "none" and not pred["consistent"]
     scores = score_shapes(empty[None], ["a red circle moving left"])
     assert scores["colour"] == scores["shape"] == scores["direction"] == scores["consistency"] == 0.0
+    assert math.isnan(scores["travel"])  # no object, no travel
 
     g = torch.Generator().manual_seed(5)
     red, _ = shapes_batch(1, 8, generator=g, captions=["a red square moving right"])
@@ -70,6 +71,11 @@ def test_empty_and_morphing_videos_fail():
     grown[:, 4:] = torch.nn.functional.max_pool2d(grown[:, 4:], 3, stride=1, padding=1)
     pred = classify_shapes_video(grown)
     assert not pred["size_kept"] and not pred["consistent"] and pred["area_change"] > 0.3
+    gap = red[0].clone()
+    gap[:, 3] = -1.0  # the object is missing from one frame: travel undefined, size not kept
+    pred = classify_shapes_video(gap)
+    assert math.isnan(pred["travel"]) and not pred["size_kept"]
+    assert classify_shapes_video(red[0])["travel"] > 0
     still = red[0, :, :1].expand(-1, 8, -1, -1)  # an object that never moves
     assert classify_shapes_video(still)["direction"] == "none"
     noise_speck = red[0].clone()

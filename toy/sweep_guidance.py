@@ -1,7 +1,7 @@
 """
 Classifier-free guidance against size and motion, on a trained shapes checkpoint: samples the 48
 captions with a few seeds at each (guidance, video_guidance) pair and prints the mean scores of
-toy/evaluate.py, with how far the objects travel next to how far the data's travel.
+toy/evaluate.py, with how far the objects travel next to the data's travel.
 
     python toy/sweep_guidance.py --ckpt=out/tiny/ckpt.pt [--pairs=3:3,2:2] [--seeds=1,2,3,4] [--raw]
 
@@ -9,8 +9,7 @@ Why it matters: CFG, v = v_u + w (v_c - v_u), scales up everything the caption a
 unconditional prediction. For a later frame that includes the motion, so with a large video
 guidance the objects move faster than the data's (travel above the data's), reach the edge of the
 frame early and are squashed against it (toy/data.py never lets an object touch the outermost
-pixel ring), and the last frames lose area. The first-frame guidance sets how large the object is
-drawn (larger with more guidance).
+pixel ring), and the last frames lose area.
 """
 import argparse
 import os
@@ -67,7 +66,7 @@ def main(argv):
                                          guidance=w_first, video_guidance=w_later)
                 scores.append(evaluate.score_shapes(videos, captions))
                 bar.update(1)
-            rows.append((w_first, w_later, {k: np.mean([s[k] for s in scores]) for k in KEYS}))
+            rows.append((w_first, w_later, {k: np.nanmean([s[k] for s in scores]) for k in KEYS}))
     print(f"\n{'guidance':>9}{'video':>7}" + "".join(f"{k:>13}" for k in KEYS))
     for w_first, w_later, mean in rows:
         print(f"{w_first:>9g}{w_later:>7g}" + "".join(f"{mean[k]:>13.3f}" for k in KEYS))
