@@ -6,7 +6,7 @@ toy/evaluate.py, with how far the objects travel next to the data's travel.
     python toy/sweep_guidance.py --ckpt=out/tiny/ckpt.pt [--pairs=3:3,2:2] [--seeds=1,2,3,4] [--raw]
 
 Why it matters: CFG, v = v_u + w (v_c - v_u), scales up everything the caption adds to the
-unconditional prediction. For a later frame that includes the motion, so with a large video
+unconditional prediction, and for a later frame that includes the motion. With a large video
 guidance the objects move faster than the data's (travel above the data's), reach the edge of the
 frame early and are squashed against it (toy/data.py never lets an object touch the outermost
 pixel ring), and the last frames lose area.
