@@ -147,6 +147,19 @@ def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
     assert resumed == full  # exact on CPU
 
 
+@pytest.mark.parametrize("ratio,batch,expected", [("1,2", 6, [(1, 2), (0, 4)]), ("1,2,1", 8, [(2, 2), (1, 4), (0, 2)])])
+def test_a_batch_is_one_group_per_stage_in_the_stage_ratio(ratio, batch, expected, tmp_path, tiny_vae):
+    ones = ",".join(["1"] * len(expected))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", vae_ckpt=tiny_vae, K=len(expected), stage_ratio=ratio,
+                                                 batch_size=batch, sample_steps=ones, sample_steps_later=ones))
+    groups = train.Video(cfg).batch(train.step_generator(cfg, 0, 0, 0), "cpu")["groups"]
+    assert [(g["stage"], len(g["captions"])) for g in groups] == expected  # lowest resolution first
+    for g in groups:  # one layout per group: the current frame at its stage's size (8x8 latents at k = 0)
+        assert g["x_t"].shape[-2:] == (8 // 2 ** g["stage"],) * 2
+    with pytest.raises(SystemExit, match=f"multiple of {sum(int(r) for r in ratio.split(','))}"):
+        train.Video(dataclasses.replace(cfg, batch_size=batch + 1))
+
+
 def test_data_set_is_encoded_once_and_steps_draw_from_it(tmp_path, tiny_vae):
     cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", data_pool=5, vae_ckpt=tiny_vae))
     task, encoded = train.Video(cfg), []
