@@ -115,7 +115,8 @@ class Config:
 # patch 2 on the 8x8x4 latents: 16 and 4 tokens per frame at the K = 2 stages, sampled 1:2, 5
 # latent frames; AdamW betas (0.9, 0.95) as Table 4's video stages), then one sampled video per
 # caption (48) with guidance 2. More steps kept sizes better: one group per stage (two passes a
-# step, not three) and the fused AdamW pay for 1300 steps in about the time 1100 took. K = 2, not 3: a third stage would be 2x2 latent pixels, smaller than the object.
+# step, not three) and the fused AdamW pay for 1300 steps in about the time 1100 took. K = 2,
+# not 3: a third stage would be 2x2 latent pixels, smaller than the object.
 # Guidance 2, not 3 or the release's 7 and 5: more guidance moves the objects faster than the
 # data's, into the frame's edge, where they shrink (toy/sweep_guidance.py). KL 1e-4, not
 # vae-toy's 1e-6: a wider posterior, so the decoder learns to tolerate small errors in the
@@ -142,9 +143,10 @@ PRESETS = {
     # with one sampled video per caption (40). 2-core CPU, `python train.py --preset=digits`, 9.6
     # minutes, as the tiny preset on the same machine (its VAE: 29.17 dB on held-out digits
     # clips): digit 0.175 (chance 0.1; 0.250 with the previous tiny recipe), direction 1.000, size
-    # kept 0.050, consistency 0.000; the digits come out as scrawls. Scored by a classifier trained in the repo (toy/evaluate.py;
-    # about a minute more in the first run, then cached in out/digit_classifier.pt). A copy of
-    # tiny's settings: a change to tiny changes this preset too, and its numbers here go stale.
+    # kept 0.050, consistency 0.000; the digits come out as scrawls. Scored by a classifier trained
+    # in the repo (toy/evaluate.py; about a minute more in the first run, then cached in
+    # out/digit_classifier.pt). A copy of tiny's settings: a change to tiny changes this preset
+    # too, and its numbers here go stale.
     "digits": dict(_TINY, data="digits", eval_captions=40),
     # small: one GPU (about 24 GB), `python train.py --preset=small`; not run on this repo's CPU
     # machines beyond a one-step smoke test. Shapes at 64 px, 16 frames, the 0.25B `S` MM-DiT with

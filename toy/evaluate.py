@@ -82,9 +82,11 @@ def _directions(centroids, valid, size):
 
 def _area_change(area, valid):
     """Each video's largest relative change of the object's area from its first frame with an
-    object: area, valid [B, T] -> [B] (1.0 for a video without one)."""
+    object, and whether it kept its size: area, valid [B, T] -> area_change [B] (1.0 for a video
+    without an object), size_kept [B] bool (an object in every frame, within AREA_TOLERANCE)."""
     first = area.gather(1, valid.float().argmax(1, keepdim=True)).clamp(min=1)  # [B, 1]
-    return torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)
+    change = torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)
+    return change, valid.all(1) & (change <= AREA_TOLERANCE)
 
 
 def _template_ious(mask, area, cy, cx):
@@ -94,8 +96,9 @@ def _template_ious(mask, area, cy, cx):
     (apex up, base = height, as toy/data.py draws them) and the same triangle upside down. The
     data's own shapes match their template exactly (IoU 1). Whole-blob overlap, not the bounding
     box: the box fill ratio this replaced (square 1, circle pi/4, cut at 0.89) called a square with
-    two one-pixel bumps a circle. Rounded corners turn a square into a circle here from a radius of 0.31 x the side (the box
-    ratio: 0.36), so the overlap is no more lenient about corners (tests/test_evaluate.py)."""
+    two one-pixel bumps a circle. Rounded corners turn a square into a circle here from a radius
+    of 0.31 x the side (the box ratio: 0.36), so the overlap is no more lenient about corners
+    (tests/test_evaluate.py)."""
     N, H, W = mask.shape
     area = area.clamp(min=1).view(N, 1, 1)
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
@@ -147,11 +150,9 @@ def classify_shapes(videos):
     xy = torch.stack([cx, cy], 1).view(B, T, 2)  # centroid tracks
     directions = _directions(xy, valid, max(H, W))
 
-    whole = valid.all(1)  # [B]: an object in every frame
-    travel = torch.where(whole, (xy[:, -1] - xy[:, 0]).norm(dim=1), torch.nan)  # [B] px, first to last frame
-    area_change = _area_change(area, valid)
+    travel = torch.where(valid.all(1), (xy[:, -1] - xy[:, 0]).norm(dim=1), torch.nan)  # [B] px, first to last frame
+    area_change, size_kept = _area_change(area, valid)
     frame_colour = frame_colour.view(B, T)
-    size_kept = whole & (area_change <= AREA_TOLERANCE)
     steady = size_kept & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
     colours, out = list(COLOURS), []
     for b in range(B):
@@ -355,7 +356,7 @@ def score_digits(videos, captions, classifier):
     cx = (ink.sum(2) * torch.arange(W)).sum(2) / area.clamp(min=1)
     cy = (ink.sum(3) * torch.arange(H)).sum(2) / area.clamp(min=1)
     directions = _directions(torch.stack([cx, cy], -1), valid, max(H, W))
-    steady_area = valid.all(1) & (_area_change(area, valid) <= AREA_TOLERANCE)
+    _, steady_area = _area_change(area, valid)
     return dict(digit=float(np.mean(digit_ok)),
                 direction=float(np.mean([d == t["direction"] for d, t in zip(directions, truth)])),
                 size_kept=float(steady_area.float().mean()),
