@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from toy.data import MARGIN, OBJECT_FRACTION, SHAPE_CAPTIONS, motion_speed, shapes_batch
-from toy.evaluate import classify_shapes_video, frechet_distance, score_shapes
+from toy.data import DIRECTIONS, parse_caption
+from toy.evaluate import blob_tracks, classify_shapes_video, frechet_distance, score_shapes
 
 CHANCE = {"colour": 1 / 4, "shape": 1 / 3, "direction": 1 / 4}
 
@@ -23,6 +24,23 @@ def test_ground_truth_scores_perfectly(frames, size, seed):
     assert scores["area_change"] == 0.0
     speed = motion_speed(frames, size, round(size * OBJECT_FRACTION), MARGIN)  # px/frame of the data
     assert scores["travel"] == pytest.approx(speed * (frames - 1), abs=1e-4)
+
+
+def test_blob_tracks_follow_the_data_and_see_the_edge():
+    captions = SHAPE_CAPTIONS
+    video, _ = shapes_batch(len(captions), 9, 32, generator=4, captions=captions)
+    tracks = blob_tracks(video)
+    assert (tracks["area"] == tracks["area"][:, :1]).all() and (tracks["area"] > 0).all()
+    assert (tracks["border"] >= MARGIN).all()  # the data never touches the frame's edge
+    heading = torch.tensor([DIRECTIONS[parse_caption(c)["direction"]] for c in captions], dtype=torch.float32)
+    along = tracks["cx"] * heading[:, :1] + tracks["cy"] * heading[:, 1:]
+    speed = motion_speed(9, 32, round(32 * OBJECT_FRACTION), MARGIN)
+    assert along.diff(dim=1).mean().item() == pytest.approx(speed, abs=0.05)
+    video = -torch.ones(1, 3, 3, 32, 32)  # frame 0 empty, then a 5x5 square in a corner, then inside
+    video[0, :, 1, :5, 27:] = 1
+    video[0, :, 2, 10:15, 12:17] = 1
+    tracks = blob_tracks(video)
+    assert tracks["border"].tolist() == [[-1, 0, 10]] and tracks["area"].tolist() == [[0, 25, 25]]
 
 
 def test_robust_to_noise_and_blur():

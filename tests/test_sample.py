@@ -148,3 +148,16 @@ def test_guidance_sweep_prints_a_row_per_pair(latent_ckpt, capsys):
     assert [r[:2] for r in rows] == [["2", "2"], ["3", "1"]] and all(len(r) == 8 for r in rows)
     with pytest.raises(SystemExit, match="guidance:video_guidance"):
         sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2"])
+
+
+def test_size_diagnosis_prints_a_row_per_frame_and_the_decoder_tolerance(latent_ckpt, capsys):
+    from toy import diagnose_size
+    diagnose_size.main([f"--ckpt={latent_ckpt}", "--seeds=1", "--noise=0,0.5", "--image"])
+    out = capsys.readouterr().out.splitlines()
+    frames = out[out.index(next(line for line in out if line.lstrip().startswith("frame"))) + 1:][:5]
+    assert [int(line.split()[0]) for line in frames] == [0, 1, 2, 3, 4]  # the fixture's 5 frames
+    assert float(frames[0].split()[2]) == 0.0  # no video is off its own first frame there
+    tolerance = out[-2:]
+    assert [float(line.split()[0]) for line in tolerance] == [0.0, 0.5]
+    with pytest.raises(SystemExit, match="--seeds wants integers"):
+        diagnose_size.main([f"--ckpt={latent_ckpt}", "--seeds=a"])

@@ -285,3 +285,25 @@ def test_two_process_ddp_runs_the_vae_phase_then_the_video_model(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "vae" / "vae.pt").exists() and (tmp_path / "ckpt.pt").exists()
+
+
+def test_measure_tiny_passes_settings_on_and_reads_the_run_it_started(tmp_path, monkeypatch, capsys):
+    import json
+    from toy import measure_tiny
+    out, commands = tmp_path / "m", []
+
+    def fake_run(cmd, cwd, check):  # the training run: only its report
+        commands.append(cmd)
+        os.makedirs(out, exist_ok=True)
+        with open(out / "report.json", "w") as f:
+            json.dump({"scores": dict(colour=1, shape=1, direction=1, size_kept=0.25, area_change=0.1,
+                                      consistency=0.125)}, f)
+    monkeypatch.setattr(measure_tiny.subprocess, "run", fake_run)
+    read = []
+    monkeypatch.setattr(measure_tiny, "image_to_video_scores",
+                        lambda ckpt: read.append(ckpt) or dict(direction=1, shape=1, size_kept=1, consistency=1))
+    measure_tiny.main([f"--out_dir={out}", "--max_steps=7"])
+    (cmd,) = commands
+    assert [a for a in cmd if a.startswith("--out_dir=")] == [f"--out_dir={out}"] and cmd[-1] == "--max_steps=7"
+    assert read == [os.path.join(measure_tiny.ROOT, str(out), "ckpt.pt")]
+    assert "size kept                          0.250" in capsys.readouterr().out

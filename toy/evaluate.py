@@ -123,20 +123,44 @@ def _shape_codes(ious):
     return torch.where(not_up | ious.isnan().any(-1), -1, code)
 
 
+def _blobs(videos):
+    """videos [B, 3, T, H, W] in [-1, 1] -> per frame (N = B T): rgb [N, 3, H, W] in [0, 1], the
+    object mask [N, H, W] (the largest blob of bright pixels), its area, centroid row and column [N]
+    (pixel indices; 0 where there is no object)."""
+    H, W = videos.shape[-2:]
+    rgb = ((videos.float() + 1) / 2).clamp(0, 1).transpose(1, 2).flatten(0, 1)  # [N, 3, H, W]
+    mask = _largest_blob(rgb.max(1).values > FOREGROUND)  # [N, H, W]
+    m = mask.float()
+    area = m.sum((1, 2))  # [N]
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
+    cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
+    return rgb, mask, area, cy, cx
+
+
+def blob_tracks(videos):
+    """The object in every frame, for diagnosis (toy/diagnose_size.py): videos [B, 3, T, H, W] ->
+    dict of [B, T] tensors: area (px), cx and cy (centroid column and row), border (distance in
+    px from the blob to the frame's edge: 0 touches it, -1 no object)."""
+    B, _, T, H, W = videos.shape
+    _, mask, area, cy, cx = _blobs(videos)
+    ys, xs = torch.arange(H).view(1, H, 1), torch.arange(W).view(1, 1, W)
+    inf = torch.tensor(H + W)
+    gap = torch.stack([torch.where(mask, ys, inf).amin((1, 2)), torch.where(mask, xs, inf).amin((1, 2)),
+                       torch.where(mask, H - 1 - ys, inf).amin((1, 2)), torch.where(mask, W - 1 - xs, inf).amin((1, 2))])
+    border = torch.where(area > 0, gap.amin(0), -1)
+    return {k: v.view(B, T) for k, v in dict(area=area, cx=cx, cy=cy, border=border).items()}
+
+
 def classify_shapes(videos):
     """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, size_kept,
     consistent, area_change, travel) per video; names are "none" where there is no object (or
     motion) to judge; travel: px between the centroids of the first and the last frame (NaN unless
     every frame has an object)."""
     B, _, T, H, W = videos.shape
-    rgb = ((videos.float() + 1) / 2).clamp(0, 1).transpose(1, 2).flatten(0, 1)  # [N = B T, 3, H, W]
-    mask = _largest_blob(rgb.max(1).values > FOREGROUND)  # [N, H, W]
+    rgb, mask, area, cy, cx = _blobs(videos)
     m = mask.float()
-    area = m.sum((1, 2))  # [N]
     valid = area > 0
-    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    cy = (m.sum(2) * ys).sum(1) / area.clamp(min=1)
-    cx = (m.sum(1) * xs).sum(1) / area.clamp(min=1)
     ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask, area, cy, cx), torch.nan)  # [N, 4]
 
     palette = torch.tensor(list(COLOURS.values()))  # [4, 3]

@@ -8,11 +8,12 @@ and shape in every frame).
 
     python toy/measure_tiny.py [--key=value ...]     # extra settings are passed to train.py
 
-It runs the preset in a child process (into out/measure_tiny, replaced each time) and prints one
-table; the text-to-video scores are those the preset writes to report.json (toy/evaluate.py). The
-image-to-video rows are measured here, after the run (not in its time): the first frame of a real
-clip of each caption is given, the checkpoint continues it, and the videos are scored the same way
-(the given frame is written back unchanged by sample.generate, so only the continuation is judged).
+It runs the preset in a child process (into out/measure_tiny, or the --out_dir given; replaced
+each time) and prints one table; the text-to-video scores are those the preset writes to
+report.json (toy/evaluate.py). The image-to-video rows are measured here, after the run (not in
+its time): the first frame of a real clip of each caption is given, the checkpoint continues it,
+and the videos are scored the same way (the given frame is written back unchanged by
+sample.generate, so only the continuation is judged).
 """
 import json
 import os
@@ -39,7 +40,9 @@ def image_to_video_scores(ckpt, seed=1234):
 
 
 def main(extra):
-    out_dir = os.path.join("out", "measure_tiny")
+    given = [a.split("=", 1)[1] for a in extra if a.startswith("--out_dir=")]
+    out_dir = given[-1] if given else os.path.join("out", "measure_tiny")
+    extra = [a for a in extra if not a.startswith("--out_dir=")]
     cmd = [sys.executable, "train.py", "--preset=tiny", f"--out_dir={out_dir}", "--overwrite=true", *extra]
     print("running:", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
