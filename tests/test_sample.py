@@ -156,7 +156,7 @@ def test_size_diagnosis_prints_a_row_per_frame_and_the_decoder_tolerance(latent_
     out = capsys.readouterr().out.splitlines()
     frames = out[out.index(next(line for line in out if line.lstrip().startswith("frame"))) + 1:][:5]
     assert [int(line.split()[0]) for line in frames] == [0, 1, 2, 3, 4]  # the fixture's 5 frames
-    assert float(frames[0].split()[2]) == 0.0  # no video is off its own first frame there
+    assert frames[0].split()[1:] == ["1.000", "0.000", "-", "0.000"]  # --image: the data's own first frames
     tolerance = out[-2:]
     assert [float(line.split()[0]) for line in tolerance] == [0.0, 0.5]
     with pytest.raises(SystemExit, match="--seeds wants integers"):

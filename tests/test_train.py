@@ -307,3 +307,7 @@ def test_measure_tiny_passes_settings_on_and_reads_the_run_it_started(tmp_path, 
     assert [a for a in cmd if a.startswith("--out_dir=")] == [f"--out_dir={out}"] and cmd[-1] == "--max_steps=7"
     assert read == [os.path.join(measure_tiny.ROOT, str(out), "ckpt.pt")]
     assert "size kept                          0.250" in capsys.readouterr().out
+    for bad in (["--out_dir", str(out)], ["--out-dir="]):  # a folder it could not read back
+        with pytest.raises(SystemExit, match="--out_dir=PATH"):
+            measure_tiny.main(bad)
+    assert len(commands) == 1

@@ -6,13 +6,14 @@ a shapes checkpoint's samples.
 
 Per frame, over the 48 captions x seeds: the object's area against the data's area for its shape,
 the share of videos whose area there is more than 20% off their first frame's (size kept allows
-none), the centroid's step along the captioned direction (the data's: 16 px over the clip, 2 px a
-frame for 9 frames of 32 px) and the share of objects touching the frame's edge (the data's never
-do). Then size kept by shape and by direction. `--image` gives each video the first frame of a
+none), the centroid's step along the captioned direction (the data's: toy.data.motion_speed, 2 px
+a frame for 9 frames of 32 px) and the share of objects touching the frame's edge (the data's
+never do). Then size kept by shape and by direction. `--image` gives each video the first frame of a
 real clip (image-to-video), so only the continuation is judged.
 
 With a VAE checkpoint, last: the decoder's tolerance. Clips of the 48 captions are encoded, Gaussian
-noise of a fraction of the latents' standard deviation is added, and the decodings are scored. If
+noise of a fraction of the latents' standard deviation (one number over all of them) is added, and
+the decodings are scored. If
 sizes survive noise larger than the video model's errors, white noise in the latents is not what
 loses them: the video model places the wrong edges.
 """
@@ -29,16 +30,19 @@ from toy import data, evaluate  # noqa: E402
 
 
 def per_frame_rows(videos, captions, data_area):
-    """[T] rows of (area / data area, share off > AREA_TOLERANCE from frame 0, step px, share at the edge)."""
+    """[T] rows of (area / data area, share more than AREA_TOLERANCE off the area of the first frame
+    with an object (size kept's rule), step px, share at the edge); steps only between frames that
+    both have an object (blob_tracks puts the centroid of an empty frame at 0)."""
     tracks = evaluate.blob_tracks(videos)
     area, border = tracks["area"], tracks["border"]  # [B, T]
     parsed = [data.parse_caption(c) for c in captions]
     expected = torch.tensor([data_area[p["shape"]] for p in parsed], dtype=torch.float32)[:, None]  # [B, 1]
-    off = (area - area[:, :1]).abs() > evaluate.AREA_TOLERANCE * area[:, :1].clamp(min=1)
+    present = area > 0
+    first = area.gather(1, present.float().argmax(1, keepdim=True)).clamp(min=1)  # size kept's reference
+    off = present.any(1, keepdim=True) & ((area - first).abs() > evaluate.AREA_TOLERANCE * first)
     heading = torch.tensor([data.DIRECTIONS[p["direction"]] for p in parsed], dtype=torch.float32)  # [B, 2] (x, y)
     along = tracks["cx"] * heading[:, :1] + tracks["cy"] * heading[:, 1:]  # [B, T] px along the caption's way
     step = torch.cat([torch.full_like(along[:, :1], torch.nan), along.diff(dim=1)], 1)
-    present = area > 0
     step = torch.where(present & present.roll(1, 1), step, torch.nan)
     return [((area[:, t] / expected[:, 0]).mean().item(), off[:, t].float().mean().item(),
              step[:, t].nanmean().item(), (border[:, t] == 0).float().mean().item()) for t in range(area.shape[1])]
@@ -75,7 +79,8 @@ def main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
         fractions = [float(f) for f in args.noise.split(",")] if args.noise else []
     except ValueError:
-        sys.exit(f"error: --seeds wants integers and --noise numbers, separated by commas; got {args.seeds!r}, {args.noise!r}")
+        sys.exit(f"error: --seeds wants integers and --noise numbers, separated by commas; "
+                 f"got {args.seeds!r}, {args.noise!r}")
     net, cfg, vae = sample.load(args.ckpt)
     if cfg["data"] != "shapes":
         sys.exit(f"error: {args.ckpt} was trained on {cfg['data']}, not shapes")
@@ -90,13 +95,14 @@ def main(argv):
     scores = evaluate.score_shapes(videos, every)
     print(f"{len(every)} videos ({'image' if args.image else 'text'}-to-video, seeds {args.seeds}); the data's "
           f"areas: " + ", ".join(f"{s} {a:.0f} px" for s, a in data_area.items()))
-    print(f"{'frame':>5}{'area/data':>11}{'off >20%':>10}{'step px':>9}{'at edge':>9}   (the data: 1, 0, 2, 0)")
+    speed = data.motion_speed(cfg["frames"], cfg["size"], round(cfg["size"] * data.OBJECT_FRACTION), data.MARGIN)
+    print(f"{'frame':>5}{'area/data':>11}{'off >20%':>10}{'step px':>9}{'at edge':>9}   (the data: 1, 0, {speed:g}, 0)")
     for t, (ratio, off, step, edge) in enumerate(per_frame_rows(videos, every, data_area)):
         print(f"{t:>5}{ratio:>11.3f}{off:>10.3f}{'-' if np.isnan(step) else f'{step:.2f}':>9}{edge:>9.3f}")
     print(f"size kept {scores['size_kept']:.3f}; by shape: {kept_by(scores['predictions'], every, 'shape')}")
     print(f"by direction: {kept_by(scores['predictions'], every, 'direction')}")
     if vae is not None and fractions:
-        print(f"\ndecoder tolerance (the 48 data clips encoded, noise added, decoded)\n"
+        print(f"\ndecoder tolerance (the {len(captions)} data clips encoded, noise added, decoded)\n"
               f"{'noise/std':>9}{'shape':>8}{'size kept':>11}{'area change':>13}")
         for frac, shape, kept, change in decoder_tolerance(vae, clips, captions, fractions):
             print(f"{frac:>9g}{shape:>8.3f}{kept:>11.3f}{change:>13.3f}")

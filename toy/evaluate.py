@@ -145,10 +145,9 @@ def blob_tracks(videos):
     B, _, T, H, W = videos.shape
     _, mask, area, cy, cx = _blobs(videos)
     ys, xs = torch.arange(H).view(1, H, 1), torch.arange(W).view(1, 1, W)
-    inf = torch.tensor(H + W)
-    gap = torch.stack([torch.where(mask, ys, inf).amin((1, 2)), torch.where(mask, xs, inf).amin((1, 2)),
-                       torch.where(mask, H - 1 - ys, inf).amin((1, 2)), torch.where(mask, W - 1 - xs, inf).amin((1, 2))])
-    border = torch.where(area > 0, gap.amin(0), -1)
+    to_edge = [ys, xs, H - 1 - ys, W - 1 - xs]  # px from each pixel to the top, left, bottom, right edge
+    gap = torch.stack([torch.where(mask, d, H + W).amin((1, 2)) for d in to_edge]).amin(0)  # [N]
+    border = torch.where(area > 0, gap, -1)
     return {k: v.view(B, T) for k, v in dict(area=area, cx=cx, cy=cy, border=border).items()}
 
 

@@ -8,9 +8,9 @@ and shape in every frame).
 
     python toy/measure_tiny.py [--key=value ...]     # extra settings are passed to train.py
 
-It runs the preset in a child process (into out/measure_tiny, or the --out_dir given; replaced
-each time) and prints one table; the text-to-video scores are those the preset writes to
-report.json (toy/evaluate.py). The image-to-video rows are measured here, after the run (not in
+It runs the preset in a child process (into out/measure_tiny, or the --out_dir given, whose
+checkpoint it replaces) and prints one table; the text-to-video scores are those the preset
+writes to report.json (toy/evaluate.py). The image-to-video rows are measured here, after the run (not in
 its time): the first frame of a real clip of each caption is given, the checkpoint continues it,
 and the videos are scored the same way (the given frame is written back unchanged by
 sample.generate, so only the continuation is judged).
@@ -39,10 +39,23 @@ def image_to_video_scores(ckpt, seed=1234):
     return evaluate.score_shapes(videos, captions)
 
 
+def split_out_dir(extra):
+    """(out_dir, the other settings): the run's folder is read back here, so it must be given as
+    --out_dir=PATH (or --out-dir=PATH), not as two words."""
+    out_dir, rest = os.path.join("out", "measure_tiny"), []
+    for arg in extra:
+        key, eq, value = arg.partition("=")
+        if key.replace("-", "_") != "__out_dir":
+            rest.append(arg)
+        elif not eq or not value:
+            sys.exit(f"error: give the folder as --out_dir=PATH, got {arg!r}")
+        else:
+            out_dir = value
+    return out_dir, rest
+
+
 def main(extra):
-    given = [a.split("=", 1)[1] for a in extra if a.startswith("--out_dir=")]
-    out_dir = given[-1] if given else os.path.join("out", "measure_tiny")
-    extra = [a for a in extra if not a.startswith("--out_dir=")]
+    out_dir, extra = split_out_dir(extra)
     cmd = [sys.executable, "train.py", "--preset=tiny", f"--out_dir={out_dir}", "--overwrite=true", *extra]
     print("running:", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
