@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from toy.data import MARGIN, OBJECT_FRACTION, SHAPE_CAPTIONS, motion_speed, shapes_batch
-from toy.data import DIRECTIONS, parse_caption
+from toy.data import DIRECTIONS, MARGIN, OBJECT_FRACTION, SHAPE_CAPTIONS, motion_speed, parse_caption, shapes_batch
 from toy.evaluate import blob_tracks, classify_shapes_video, frechet_distance, score_shapes
 
 CHANCE = {"colour": 1 / 4, "shape": 1 / 3, "direction": 1 / 4}

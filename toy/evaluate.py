@@ -80,11 +80,17 @@ def _directions(centroids, valid, size):
     return out
 
 
+def first_area(area, valid):
+    """The area of each video's first frame with an object, the reference of size kept:
+    area, valid [B, T] -> [B, 1] (at least 1 px, so it divides)."""
+    return area.gather(1, valid.float().argmax(1, keepdim=True)).clamp(min=1)
+
+
 def _area_change(area, valid):
     """Each video's largest relative change of the object's area from its first frame with an
     object, and whether it kept its size: area, valid [B, T] -> area_change [B] (1.0 for a video
     without an object), size_kept [B] bool (an object in every frame, within AREA_TOLERANCE)."""
-    first = area.gather(1, valid.float().argmax(1, keepdim=True)).clamp(min=1)  # [B, 1]
+    first = first_area(area, valid)  # [B, 1]
     change = torch.where(valid.any(1), ((area - first).abs() / first).max(1).values, 1.0)
     return change, valid.all(1) & (change <= AREA_TOLERANCE)
 

@@ -10,10 +10,10 @@ and shape in every frame).
 
 It runs the preset in a child process (into out/measure_tiny, or the --out_dir given, whose
 checkpoint it replaces) and prints one table; the text-to-video scores are those the preset
-writes to report.json (toy/evaluate.py). The image-to-video rows are measured here, after the run (not in
-its time): the first frame of a real clip of each caption is given, the checkpoint continues it,
-and the videos are scored the same way (the given frame is written back unchanged by
-sample.generate, so only the continuation is judged).
+writes to report.json (toy/evaluate.py). The image-to-video rows are measured here, after the
+run (not in its time): the first frame of a real clip of each caption is given, the checkpoint
+continues it, and the videos are scored the same way (the given frame is written back unchanged
+by sample.generate, so only the continuation is judged).
 """
 import json
 import os
