@@ -109,8 +109,10 @@ def endpoints(x1, noise_k, k, windows, noise_start=None, spatial=True):
     """(start, end) of stage k for clean data x1 (full resolution), Eqs. 9-10.
 
     noise_k is the noise n at stage k's resolution. Coupling (the paper's choice) uses the same n
-    for both ends, so the conditional path is straight. Passing an independent `noise_start` gives
-    the uncoupled ablation of App. C.4.
+    for both ends. Any pair of endpoints gives a straight segment; what coupling adds is that the
+    target end - start becomes a function of x_t and x1 alone, so paths cross less and the learned
+    flow is straighter ("to enhance the straightness of the flow trajectory", Sec. 3.2.1). Passing
+    an independent `noise_start` gives the uncoupled ablation of App. C.4.
     """
     s, e = windows[k]
     lvl = (lambda j: j) if spatial else (lambda j: 0)
@@ -141,7 +143,7 @@ def training_example(x1, k, windows, generator=None, coupled=True, spatial=True)
     return x_t, t, end - start                                                  # Eq. 11
 
 
-def velocity_from_clean(x1_hat, x_t, k, t, windows, min_gap=0.05):
+def velocity_from_clean(x1_hat, x_t, k, t, windows, min_gap=0.05, spatial=True):
     """The stage-k velocity implied by a prediction x1_hat of the clean frame at stage k's
     resolution (the end point without noise, Down(x1, 2^k)), for a network that predicts data
     rather than velocity ("x-prediction"; not the paper's parametrisation, an option here).
@@ -149,11 +151,15 @@ def velocity_from_clean(x1_hat, x_t, k, t, windows, min_gap=0.05):
     On the coupled path (Eqs. 6, 9-10) x_t = t e x1 + (1 - t) s u + d n with u = Up(Down(x1)) and
     d = t (1 - e) + (1 - t)(1 - s), so x1_hat gives u_hat and the noise n_hat = (x_t - t e x1_hat
     - (1 - t) s u_hat) / d, and the velocity of Eq. 11 is end - start = e x1_hat - s u_hat + (s - e) n_hat.
-    d -> 0 only at the very end of the last stage; it is clamped at `min_gap`.
+    d -> 0 only at the very end of the last stage; it is clamped at `min_gap`. With
+    `spatial=False` (no pixel grid) Up and Down are the identity, as in `endpoints`.
     """
     s, e = windows[k]
     t = t.view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype)
-    u = up(down(x1_hat)) if s > 0 else torch.zeros_like(x1_hat)  # s_{K-1} = 0: no lower stage
+    if s == 0:  # s_{K-1} = 0: no lower stage
+        u = torch.zeros_like(x1_hat)
+    else:
+        u = up(down(x1_hat)) if spatial else x1_hat
     d = (t * (1 - e) + (1 - t) * (1 - s)).clamp(min=min_gap)
     n = (x_t - t * e * x1_hat - (1 - t) * s * u) / d
     return e * x1_hat - s * u + (s - e) * n
@@ -243,7 +249,7 @@ def sample(velocity, shape, windows, steps, generator=None, renoise=True, spatia
 def history_levels(num_history, k, K):
     """Pyramid level of each history frame, oldest first, when the current frame is at stage k:
     frame i-1 at level k, frame i-2 at level k+1, ..., capped at the lowest level K-1."""
-    return [min(k + j - 1, K - 1) for j in range(num_history, 0, -1)]  # j = i - frame index
+    return [min(k + d - 1, K - 1) for d in range(num_history, 0, -1)]  # d = i - frame index, oldest first
 
 
 def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 / 3):
@@ -263,8 +269,8 @@ def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 
         c = torch.rand(B, generator=generator, dtype=torch.float64).to(history.device, history.dtype) * max_noise
         c = c.view(B, 1, 1, 1)
     frames = []
-    for j, level in enumerate(history_levels(T, k, K)):
-        h = down(history[:, :, j], level)                         # Eq. 16 / 17: Down(x^{i-j}, 2^level)
+    for j, level in enumerate(history_levels(T, k, K)):  # j = 0 is the oldest frame, j = T-1 frame i-1
+        h = down(history[:, :, j], level)                         # Eqs. 16-17: frame i-d at level min(k+d-1, K-1), d = T-j
         if corrupt:
             h = c * _randn(h.shape, generator, h) + (1 - c) * h   # Eq. 16: x^{i-j}_{t'}
         frames.append(h)
@@ -303,7 +309,12 @@ def sample_video(velocity, frame_shape, num_frames, windows, steps, steps_later=
 
 def pyramid_tokens(h, w, num_frames, k, K, patch=1):
     """Tokens the DiT sees for the LAST of `num_frames` latent frames [h, w] at stage k: the
-    current frame at level k plus the temporal pyramid of its history (Eq. 16)."""
+    current frame at level k plus the temporal pyramid of its history (Eq. 16).
+
+    The paper's 15,360 for 31 latent frames of 768p (Sec. 4.2) is this count at k = 0:
+    3840 + 3840 + 960 + 28 * 240. Its formula "TN/4^K" is one level off: the oldest frames sit
+    at level K-1 (N/4^(K-1) tokens each), not K; with 4^K the count would be 3840 + 3840 + 960 +
+    28 * 60."""
     def tokens(level):
         return (h // 2 ** level // patch) * (w // 2 ** level // patch)
     return tokens(k) + sum(tokens(lv) for lv in history_levels(num_frames - 1, k, K))

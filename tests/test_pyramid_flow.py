@@ -198,6 +198,12 @@ def test_velocity_from_clean_is_the_target_for_the_true_clean_frame():
     # the clamp bounds the division near the end of the last stage
     v = pf.velocity_from_clean(guess, x_t, 0, torch.ones(16), w1, min_gap=0.05)  # d = 0 unclamped
     assert torch.allclose(v, guess - (x_t - guess) / 0.05)
+    # without a pixel grid (the 2-D toy) Up and Down are the identity on both sides
+    p1 = torch.randn(64, 2, generator=gen(47))
+    for k in range(3):
+        x_t, t, target = pf.training_example(p1, k, w, gen(48 + k), spatial=False)
+        assert torch.allclose(pf.velocity_from_clean(p1, x_t, k, t, w, min_gap=1e-12, spatial=False), target,
+                              atol=1e-9)
 
 
 # ---------------------------------------------------------------- the sampler

@@ -125,8 +125,9 @@ def test_one_step_of_every_preset(preset, tmp_path, monkeypatch):
             assert os.path.exists(os.path.join(cfg.out_dir, name))
 
 
-def test_toy2d_main_trains_both_couplings_and_compares(tmp_path, capsys):
-    train.main(["--preset=toy2d", f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=8"])
+def test_coupling_experiment_trains_both_couplings_and_compares(tmp_path, capsys):
+    from toy import coupling
+    coupling.main([f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=8"])
     out = capsys.readouterr().out
     assert "coupled" in out and "independent" in out
     assert (tmp_path / "trajectories.png").exists()

@@ -1,7 +1,8 @@
 """
 App. C.4 / Fig. 13 at laptop scale: does coupling the endpoint noise (Eqs. 9-10) straighten the
-piecewise flow? Compares the two 2-D velocity fields that `python train.py --preset=toy2d` trains
-(out/toy2d/coupled and out/toy2d/independent), on the same noise seeds:
+piecewise flow? Trains the 2-D velocity field of `train.py --preset=toy2d` twice, with coupled and
+with independent endpoint noise (out/toy2d/coupled and out/toy2d/independent), and compares the
+two on the same noise seeds:
 
   straightness  mean over trajectories and Euler steps of |v(x) - chord|^2, where chord is the
                 trajectory's own displacement over the stage (the velocity of a straight path);
@@ -10,8 +11,12 @@ piecewise flow? Compares the two 2-D velocity fields that `python train.py --pre
                 stages (the flow's paths never meet in (x, t), but crossing in the plane is what
                 makes a velocity field curved).
 
-    python toy/coupling.py [out/toy2d]        # prints both numbers, writes trajectories.png
+    python toy/coupling.py [--key=value ...]   # about a minute; prints both numbers, writes trajectories.png
+    python toy/coupling.py --quick             # 50 steps each, seconds (the tests run it)
+
+Extra --key=value settings go to both training runs (train.py's Config).
 """
+import dataclasses
 import os
 import sys
 
@@ -19,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyramid_flow as pf  # noqa: E402
+import train  # noqa: E402
 
 N_TRAJ = 128          # trajectories per model
 STEPS = 40            # Euler steps per stage (fine, so the paths are the field's own)
@@ -26,10 +32,9 @@ CROSS_SEGMENTS = 10   # segments per stage kept for the crossing count (coarse p
 
 
 def load(path):
-    from train import Config, Toy2D  # lazy: train.py imports this module at its end
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = Config(**ck["config"])
-    task = Toy2D(cfg)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = train.Config(**ck["config"])
+    task = train.Toy2D(cfg)
     model = task.model()
     model.load_state_dict(ck["ema"])
     return model.eval(), task
@@ -119,5 +124,16 @@ def compare(base="out/toy2d"):
     return rows
 
 
+def main(argv):
+    """Train both couplings with the same settings and seed, then compare them."""
+    quick = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"] + (["--max_steps=50"] if quick else [])
+    cfg = train.parse_args(["--preset=toy2d", *argv])
+    base = train.run_dir(cfg)
+    for coupling in ("coupled", "independent"):
+        train.train(dataclasses.replace(cfg, coupling=coupling, out_dir=os.path.join(base, coupling)))
+    return compare(base)
+
+
 if __name__ == "__main__":
-    compare(sys.argv[1] if len(sys.argv) > 1 else "out/toy2d")
+    main(sys.argv[1:])
