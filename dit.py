@@ -13,7 +13,9 @@ Jin et al., "Pyramidal Flow Matching for Efficient Video Generative Modeling" (I
 
 Time is in paper notation: t = 0 noise, t = 1 data. History frames are modulated with the clean
 time t = 1 (not the current t, as the release does): their activations then do not depend on the
-step being denoised, which is what makes a KV cache possible.
+step being denoised, which is what makes a KV cache possible (KVCache, MMDiT.make_cache: sampling
+computes the text and history keys and values once per frame and stage). The release's modulation
+is kept as an option (DiTConfig.history_time = "current"), without a cache, for comparison.
 
 Tensor legend: video [B, C, T, H, W]; one latent frame [B, C, h, w]; tokens [B, L, D];
 per-head tensors [B, heads, S, head_dim]; S = L_text + N_video is the joint sequence length.
@@ -343,8 +345,8 @@ class MMDiT(nn.Module):
 
     @property
     def cacheable(self) -> bool:
-        """Whether text and history keys stay fixed over a stage's steps (see KVCache): they see the
-        current frame under bidirectional attention, and follow t when history takes the current time."""
+        """Whether the text and history keys stay fixed over a stage's steps (KVCache): not under
+        bidirectional attention (they see the current frame), nor with history_time="current" (they follow t)."""
         return self.cfg.causal and self.cfg.history_time == "clean"
 
     def token_grid(self, size, grid=None):
@@ -412,8 +414,8 @@ class MMDiT(nn.Module):
         img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
         txt = self.context_embedder(text)                                      # [B, L, D]
 
-        # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is;
-        # text tokens belong to frame 0, so they take frame 0's conditioning.
+        # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is
+        # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
         vec, vec_history = self.conditioning(pooled, t)
         img_vec = torch.stack([vec_history, vec], dim=1)                       # [B, 2, D]
         img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()  # [N]
@@ -435,12 +437,12 @@ class MMDiT(nn.Module):
         """The KVCache of the text and the history frames (oldest first) for forward(..., cache=)
         calls on current frames of size (h, w), with the same batch, text and grid: one pass of
         text + history through all blocks, as forward runs them for those tokens. It needs a
-        `cacheable` model and at least one history frame (without history, the text is modulated
-        with the current t: the first frame has no cache)."""
+        `cacheable` model and at least one history frame: the first frame has no cache, as the
+        text sees frame 0, then the current frame, and takes the current t."""
         if not self.cacheable:
             raise ValueError("no KV cache for this model: it needs causal attention and history_time='clean'")
         if not history:
-            raise ValueError("no KV cache without history: the first frame's text follows the current t")
+            raise ValueError("no KV cache without history: the text sees frame 0, the current frame")
         B = history[-1].shape[0]
         self.check_frames(history + [history[-1].new_empty(B, self.cfg.in_channels, *size)], False)
         L = text.shape[1]
@@ -460,7 +462,7 @@ class MMDiT(nn.Module):
         """forward for the current frame alone, its queries over [cached text and history | own] keys."""
         x, p = frames[-1], self.cfg.patch_size
         B, H, W = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
-        if len(frames) != 1 or B != cache.key_valid.shape[0] or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
+        if len(frames) != 1 or B != len(cache.key_valid) or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
             raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
         img, frame_ids, _ = self.embed([x], cache.pos_grid, first_frame=cache.frames)  # [B, H*W, D]
         vec, _ = self.conditioning(pooled, t)

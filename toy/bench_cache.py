@@ -27,7 +27,7 @@ import sample
 
 FRAMES = (4, 8, 16, 32)       # latent frames per video
 TEXT_TOKENS = 32              # caption length in tokens (the toy encoder: one token a word)
-WEIGHT_NOISE = 0.02            # added to every initial weight
+WEIGHT_NOISE = 0.02           # added to every initial weight
 GUIDANCE = 5.0                # CFG on: both halves in one [2B] batch, as sample.py runs it
 # The S MM-DiT's width and heads on 16x16x16 latents (64 tokens a frame), with sample.py's step counts
 # (the release's 20 a stage for the first frame, 10 later); 3 of its 12 blocks so that one run fits
@@ -75,9 +75,10 @@ def main(argv):
         for p in net.parameters():
             p.add_(WEIGHT_NOISE * torch.randn_like(p))
     print(f"MM-DiT {s['size']} (width {cfg.width}, depth {cfg.depth}), latents {s['channels']}x{s['latent']}x"
-          f"{s['latent']}, patch {cfg.patch_size}, K = {s['K']}, {s['steps'][0]} then {s['steps'][1]} Euler steps a stage, CFG, batch 1, "
-          f"{TEXT_TOKENS} text tokens, {torch.get_num_threads()} threads")
-    print(f"{'frames':>6s} {'uncached':>9s} {'cached':>8s} {'ratio':>6s} {'filling':>8s} {'cache':>9s} {'max |diff|':>10s}")
+          f"{s['latent']}, patch {cfg.patch_size}, K = {s['K']}, Euler steps a stage {s['steps'][0]} (first frame) "
+          f"and {s['steps'][1]}, CFG, batch 1, {TEXT_TOKENS} text tokens, {torch.get_num_threads()} threads")
+    print(f"{'frames':>6s} {'uncached':>9s} {'cached':>8s} {'ratio':>6s} {'filling':>8s} {'cache':>9s} "
+          f"{'max |diff|':>10s}")
     ratios = {}
     for frames in FRAMES if s is FULL else FRAMES[:-1]:  # --quick stops at 16 frames
         t_plain, v_plain, _, _ = run(net, frames, s, cache=False)
