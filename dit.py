@@ -111,7 +111,8 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- attention
-def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, causal: bool = True,
+                      query_frames: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask, True = may attend. frame_of_token [S], key_valid [B, S] -> [B, 1, S, S].
 
     Query q may see key k iff frame(q) >= frame(k) and k is not padding. Text tokens carry frame 0,
@@ -128,11 +129,14 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
             frame 1 token    x  x  .  x  x  x  x
 
     With causal=False (bidirectional, Fig. 11) only padding is masked: returns [B, 1, 1, S].
+    query_frames [N]: the frames of queries that are only the last N tokens (the keys before them
+    come from a KVCache): returns the last N rows, [B, 1, N, S].
     """
     pad = key_valid[:, None, None, :]                                              # [B, 1, 1, S]
     if not causal:
         return pad
-    return pad & (frame_of_token[:, None] >= frame_of_token[None, :])             # [B, 1, S, S]
+    queries = frame_of_token if query_frames is None else query_frames
+    return pad & (queries[:, None] >= frame_of_token[None, :])                    # [B, 1, S or N, S]
 
 
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
@@ -186,25 +190,28 @@ class KVCache:
     history (and, once there is history, text) is modulated with the clean time, so within one
     stage of one frame their keys and values are the same at every Euler step. MMDiT.make_cache
     computes them once; each step then runs only the current frame's tokens, whose queries attend
-    to [cached keys | own keys]. A cache holds for one batch, text, history and current-frame grid
-    (history positions live on the current grid, so it is remade at every stage).
+    to [cached keys | own keys]. A cache holds for one batch, text and current-frame grid (history
+    positions live on the current grid). Older frames never see newer ones, so a cache of the
+    first frames can be extended by later ones (make_cache's base) without recomputing it.
     """
 
-    def __init__(self, key_valid, frames, pos_grid):
-        self.keys, self.values = [], []  # per block [B, heads, P, head_dim], P = L_text + N_history
-        self.key_valid = key_valid       # [B, P] bool, False = text padding
-        self.frames = frames             # number of history frames = the current frame's index
-        self.pos_grid = pos_grid         # (rows, cols) of the token grid the positions refer to
-        self.filling = True              # make_cache's pass appends; the steps after it read
+    def __init__(self, depth, pos_grid, base=None):
+        self.keys = list(base.keys) if base else [None] * depth      # per block [B, heads, P, head_dim]
+        self.values = list(base.values) if base else [None] * depth
+        self.key_valid = base.key_valid if base else None            # [B, P] bool, False = text padding
+        self.frame_of_token = base.frame_of_token if base else None  # [P], text tokens in frame 0
+        self.frames = base.frames if base else 0                     # history frames held
+        self.pos_grid = pos_grid  # (rows, cols) of the token grid the positions refer to
+        self.filling = True       # make_cache's pass stores what it computes; the steps after it do not
 
     def extend(self, layer, k, v):
-        """The keys and values block `layer` attends with: while filling, its own (kept for later);
-        after, the cached ones followed by its own."""
+        """The keys and values block `layer` attends with: the cached ones followed by its own."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)                            # [B, H, P+N, head_dim]
+            v = torch.cat([self.values[layer], v], dim=2)
         if self.filling:
-            self.keys.append(k)
-            self.values.append(v)
-            return k, v
-        return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)  # [B, H, P+N, hd]
+            self.keys[layer], self.values[layer] = k, v
+        return k, v
 
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in self.keys + self.values)
@@ -433,30 +440,55 @@ class MMDiT(nn.Module):
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
 
     @torch.no_grad()
-    def make_cache(self, history, text, text_mask, pooled, size, grid=None) -> KVCache:
+    def make_cache(self, history, text, text_mask, pooled, size, grid=None, base=None) -> KVCache:
         """The KVCache of the text and the history frames (oldest first) for forward(..., cache=)
-        calls on current frames of size (h, w), with the same batch, text and grid: one pass of
-        text + history through all blocks, as forward runs them for those tokens. It needs a
-        `cacheable` model and at least one history frame: the first frame has no cache, as the
-        text sees frame 0, then the current frame, and takes the current t."""
+        calls on current frames of size (h, w), with the same batch, text and grid: text + history
+        through all blocks, as forward runs them for those tokens. base: a cache of the text and
+        the first base.frames of these frames (same size and grid), which then runs only the later
+        ones, their queries over [base | own] keys. It needs a `cacheable` model and at least one
+        history frame: the first frame has no cache, as the text sees frame 0, then the current
+        frame, and takes the current t."""
         if not self.cacheable:
             raise ValueError("no KV cache for this model: it needs causal attention and history_time='clean'")
         if not history:
             raise ValueError("no KV cache without history: the text sees frame 0, the current frame")
-        B = history[-1].shape[0]
+        B, device = history[-1].shape[0], history[-1].device
         self.check_frames(history + [history[-1].new_empty(B, self.cfg.in_channels, *size)], False)
-        L = text.shape[1]
-        img, frame_ids, tokens_per_frame = self.embed(history, self.token_grid(size, grid))
-        txt = self.context_embedder(text)                                      # [B, L, D]
-        _, vec_clean = self.conditioning(pooled, torch.ones(B, device=img.device))  # all of it is clean
-        video_valid = torch.ones(B, len(frame_ids), dtype=torch.bool, device=img.device)
-        key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)          # [B, P]
-        rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
-        cache = KVCache(key_valid, len(history), self.token_grid(size, grid))
-        self.run_blocks(img, txt, vec_clean[:, None], torch.zeros_like(frame_ids), vec_clean, rope, mask,
-                        block_ends, cache)
+        pos_grid = self.token_grid(size, grid)
+        if base is not None and (base.pos_grid != pos_grid or base.frames > len(history)):
+            raise ValueError("a base cache holds the first of these history frames, on the same grid")
+        if base is not None and base.frames == len(history):
+            return base
+        _, vec_clean = self.conditioning(pooled, torch.ones(B, device=device))  # all of it is clean data
+        cache = KVCache(self.cfg.depth, pos_grid, base)
+        if base is not None:
+            self.run_after(cache, history[base.frames:], vec_clean)
+        else:  # text and history in one pass, as forward runs them
+            L = text.shape[1]
+            img, frame_ids, tokens_per_frame = self.embed(history, pos_grid)
+            video_valid = torch.ones(B, len(frame_ids), dtype=torch.bool, device=device)
+            key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)      # [B, P]
+            rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
+            self.run_blocks(img, self.context_embedder(text), vec_clean[:, None], torch.zeros_like(frame_ids),
+                            vec_clean, rope, mask, block_ends, cache)
+            cache.key_valid, cache.frames = key_valid, len(history)
+            cache.frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=device), frame_ids])
         cache.filling = False
         return cache
+
+    def run_after(self, cache, frames, vec):
+        """Tokens [B, N, D] of frames that follow the cache's, after all blocks, modulated with vec,
+        their queries over [cached | own] keys (causal among them); a filling cache keeps them too."""
+        img, frame_ids, _ = self.embed(frames, cache.pos_grid, first_frame=cache.frames)  # [B, N, D]
+        B, N, D = img.shape
+        key_valid = torch.cat([cache.key_valid, torch.ones(B, N, dtype=torch.bool, device=img.device)], 1)
+        key_frames = torch.cat([cache.frame_of_token, frame_ids])                      # [P+N]
+        mask = block_causal_mask(key_frames, key_valid, query_frames=frame_ids)         # [B, 1, N, P+N]
+        rope = rope_angles(frame_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)  # [N, head_dim/2]
+        if cache.filling:
+            cache.key_valid, cache.frame_of_token, cache.frames = key_valid, key_frames, cache.frames + len(frames)
+        txt = img.new_zeros(B, 0, D)                                           # the text is in the cache
+        return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
 
     def cached_forward(self, frames, pooled, t, grid, cache):
         """forward for the current frame alone, its queries over [cached text and history | own] keys."""
@@ -464,14 +496,8 @@ class MMDiT(nn.Module):
         B, H, W = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
         if len(frames) != 1 or B != len(cache.key_valid) or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
             raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
-        img, frame_ids, _ = self.embed([x], cache.pos_grid, first_frame=cache.frames)  # [B, H*W, D]
         vec, _ = self.conditioning(pooled, t)
-        txt = img.new_zeros(B, 0, img.shape[-1])                               # the text is in the cache
-        key_valid = torch.cat([cache.key_valid, torch.ones(B, H * W, dtype=torch.bool, device=x.device)], 1)
-        mask = key_valid[:, None, None, :]                                    # [B, 1, 1, P+N]: sees all but padding
-        rope = rope_angles(frame_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)  # [N, head_dim/2]
-        img = self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
-        out = self.final_layer(img, vec)                                       # [B, H*W, p*p*C]
+        out = self.final_layer(self.run_after(cache, [x], vec), vec)           # [B, H*W, p*p*C]
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
 
 
@@ -536,11 +562,11 @@ class TextToVideo(nn.Module):
         v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid, cache=cache).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG
 
-    def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None):
+    def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None, base=None):
         """MMDiT.make_cache for guided(..., cache=) calls with this guidance: with CFG, of both
         halves (conditional and null caption) in one [2B] batch, as guided runs them."""
         if guidance != 1.0:
             history = [torch.cat([x, x]) for x in history]                     # [2B, C, h, w] each
             captions = list(captions) + [""] * len(captions)
         text, mask, pooled = self.text_encoder(captions)
-        return self.dit.make_cache(history, text, mask, pooled, size, grid=grid)
+        return self.dit.make_cache(history, text, mask, pooled, size, grid=grid, base=base)

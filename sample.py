@@ -86,16 +86,39 @@ def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, devi
     return velocity
 
 
-def model_cache(net, captions, video_guidance, grid=None):
-    """condition(history, x, k) for pf.sample_video: the KV cache of the text and history tokens,
-    made once per frame and stage and read by every Euler step of it (dit.KVCache). The first frame
-    (no history) and models without a cache (bidirectional, history at the current t) get the
-    plain history, so they sample uncached."""
-    def condition(history, x, k):
-        if not history or not net.dit.cacheable:
+class HistoryCache:
+    """condition(history, x, k) for pf.sample_video: the KV cache of the text and history tokens
+    (dit.KVCache), made once per frame and stage and read by every Euler step of it. History frames
+    that have reached the lowest level stay there as the video grows (pf.history_levels), so the
+    cache of the text and those frames is kept per stage and only extended at the next frame.
+    The first frame (no history) and models without a cache (bidirectional, history at the
+    current t) get the plain history back: they sample uncached."""
+
+    def __init__(self, net, cfg, captions, video_guidance, grid=None):
+        self.net, self.K, self.captions, self.guidance, self.grid = net, cfg["K"], captions, video_guidance, grid
+        self.kept = {}      # stage k -> (the lowest-level history frames, the KVCache of the text and them)
+        self.current = None  # the cache the steps of the current stage read
+
+    def __call__(self, history, x, k):
+        if not history or not self.net.dit.cacheable:
             return history
-        return net.make_cache(history, captions, x.shape[-2:], video_guidance, grid=grid)
-    return condition
+        n = pf.history_levels(len(history), k, self.K).count(self.K - 1)  # the oldest n frames: level K-1 for good
+        frames, base = self.kept.get(k, ([], None))
+        if len(frames) > n or not all(torch.equal(a, b) for a, b in zip(frames, history)):
+            base = None  # not the frames it holds (max_history dropped the oldest): start again
+        if n:
+            base = self.make(history[:n], x.shape[-2:], base)
+            self.kept[k] = (history[:n], base)
+        self.current = self.make(history, x.shape[-2:], base)
+        return self.current
+
+    def make(self, history, size, base):
+        return self.net.make_cache(history, self.captions, size, self.guidance, self.grid, base=base)
+
+    def nbytes(self):
+        """Bytes of the keys and values held: the kept caches and the one the steps read."""
+        caches = {id(c): c for c in [self.current] + [base for _, base in self.kept.values()] if c is not None}
+        return sum(c.nbytes() for c in caches.values())
 
 
 @torch.no_grad()
@@ -106,7 +129,7 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     given first frames (image-to-video, continuation). Unset options take the run's settings (the
     steps and guidance of its end-of-training report); the command line passes the release's step
     counts and leaves the guidance to the run. cache: reuse the text and history keys and values
-    across a stage's steps (model_cache; same video, less time); max_history > 0: only that many
+    across a stage's steps (HistoryCache; same video, less time); max_history > 0: only that many
     most recent latent frames as history."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
@@ -129,7 +152,7 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     gen = torch.Generator().manual_seed(seed)
     z = pf.sample_video(velocity, (B, C, side, side), T, windows, steps, steps_later, prefix=prefix,
                         generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1),
-                        condition=model_cache(net, captions, w_later, grid) if cache else None,
+                        condition=HistoryCache(net, cfg, captions, w_later, grid) if cache else None,
                         max_history=max_history)
     bar.close()
     video = vae.decode(vae.denormalize(z)) if vae is not None else z

@@ -35,12 +35,12 @@ def run_config(**kw):
                 video_guidance=2.0, prediction="v", positions="extrapolate") | kw
 
 
-def video(net, cfg, frames=4, prefix=None, cache=True, max_history=0, condition_calls=None):
+def video(net, cfg, frames=6, prefix=None, cache=True, max_history=0, condition_calls=None):
     """The latent video of pf.sample_video for the run's settings, before any clamping."""
     windows, B = pf.stage_windows(K), len(CAPTIONS)
     grid = (SIDE, SIDE) if cfg["positions"] == "interpolate" else None
     velocity = sample.model_velocity(net, cfg, CAPTIONS, cfg["guidance"], cfg["video_guidance"], grid)
-    condition = sample.model_cache(net, CAPTIONS, cfg["video_guidance"], grid) if cache else None
+    condition = sample.HistoryCache(net, cfg, CAPTIONS, cfg["video_guidance"], grid) if cache else None
     if condition is not None and condition_calls is not None:
         inner = condition
 
@@ -75,6 +75,12 @@ def test_cached_model_call_equals_uncached(per_frame, grid, dtype, tol):
     torch.testing.assert_close(got2, model.dit(history + [x], text, mask, pooled, 1 - t, grid=grid), **tol)
     P = mask.shape[1] + (2 * 2 + 4 * 4 + 8 * 8) // 2 ** 2                     # text + history tokens
     assert cache.nbytes() == 2 * TINY.depth * 2 * P * TINY.width * dtype.itemsize  # k and v
+    for n in (1, 2, 3):  # a cache of the first n frames, extended by the others: the same keys and values
+        base = model.dit.make_cache(history[:n], text, mask, pooled, x.shape[-2:], grid=grid)
+        extended = model.dit.make_cache(history, text, mask, pooled, x.shape[-2:], grid=grid, base=base)
+        for a, b in zip(extended.keys + extended.values, cache.keys + cache.values):
+            torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(model.dit([x], text, mask, pooled, t, grid=grid, cache=extended), want, **tol)
 
 
 def test_cached_call_refuses_another_grid_or_batch():
@@ -97,7 +103,7 @@ def test_cached_sampling_equals_uncached(start, per_frame):
     cached = video(net, cfg, prefix=prefix, condition_calls=calls)
     uncached = video(net, cfg, prefix=prefix, cache=False)
     torch.testing.assert_close(cached, uncached, **TOL)
-    generated_with_history = 4 - (1 if prefix is None else prefix.shape[2])
+    generated_with_history = 6 - (1 if prefix is None else prefix.shape[2])
     assert calls.count(True) == generated_with_history * K                     # a cache per frame and stage
     assert calls.count(False) == (K if prefix is None else 0)                  # the first frame: uncached
 
@@ -203,3 +209,20 @@ def test_bench_quick_mode_prints_the_ratio(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     prefix = "sampling time ratio, cached / uncached at 16 frames: "
     assert last.startswith(prefix) and float(last[len(prefix):]) > 0
+
+
+def test_old_frames_cache_is_kept_from_frame_to_frame():
+    """Frames at the lowest level stay there: each frame only extends their cache (per stage)."""
+    net, cfg = make_net(), run_config()
+    runs = []
+    make_cache = net.dit.make_cache
+
+    def spy(history, *args, base=None, **kw):
+        runs.append(len(history) - (base.frames if base is not None else 0))  # history frames it runs
+        return make_cache(history, *args, base=base, **kw)
+    net.dit.make_cache = spy
+    cached = video(net, cfg, frames=6)
+    torch.testing.assert_close(cached, video(net, cfg, frames=6, cache=False), **TOL)
+    # frames run at frame i = 1..5: at stage 2 only frame i-1 (the rest is kept), at stage 1 also i-2's
+    # arrival at the lowest level, at stage 0 frames i-1, i-2 and the arrival of i-3 (fewer while i < 3)
+    assert sum(runs) == (1 + 1 + 1) + (1 + 2 + 2) + 3 * (1 + 2 + 3) == 26  # without keeping: 3 * (1 + ... + 5) = 45

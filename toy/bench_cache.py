@@ -3,14 +3,14 @@
 Under the blockwise-causal mask (Sec. 3.4) neither the text nor the history tokens see the frame
 being generated, and history is modulated with the clean time, so within one stage of one frame
 their keys and values are the same at every Euler step: dit.KVCache holds them, computed once per
-(frame, stage), and each step runs only the current frame's tokens (sample.model_cache). The
-release modulates history with the current time step and has to recompute it at every call.
+(frame, stage), and each step runs only the current frame's tokens (sample.HistoryCache, which
+also keeps the part of old frames at the lowest level from frame to frame). The release modulates history with the current time step and has to recompute it at every call.
 
 One run times sample.py's sampling loop (pf.sample_video with sample.model_velocity, CFG on, as
 sample.py runs it) cached and uncached at 4, 8, 16 and 32 latent frames, on a randomly initialised
-model (timing does not depend on the weights), batch 1, and reports the largest cache held and
-the share of the cached time spent filling caches (what reusing old frames' caches across frames
-could save at most). The uncached model uses per-frame attention, its faster causal path.
+model (timing does not depend on the weights), batch 1, and reports the most cache memory held
+and the share of the cached time spent filling caches. The uncached model uses per-frame
+attention, its faster causal path.
 
 Run from the repository root (10-15 minutes on 2 cores; --quick: a toy size, seconds):
     python -m toy.bench_cache [--quick]
@@ -44,19 +44,18 @@ def settings(argv):
 
 
 def run(net, frames, s, cache):
-    """(seconds, video, largest cache in bytes, seconds spent filling caches) of one sampling run."""
+    """(seconds, video, most cache bytes held, seconds spent filling caches) of one sampling run."""
     captions = [" ".join(f"word{j}" for j in range(TEXT_TOKENS))]
     run_cfg = dict(K=s["K"], prediction="v")
     velocity = sample.model_velocity(net, run_cfg, captions, GUIDANCE, GUIDANCE)
     stats = dict(bytes=0, fill=0.0)
-    make = sample.model_cache(net, captions, GUIDANCE)
+    make = sample.HistoryCache(net, run_cfg, captions, GUIDANCE)
 
     def condition(history, x, k):
         t0 = time.perf_counter()
         out = make(history, x, k)
         stats["fill"] += time.perf_counter() - t0
-        if isinstance(out, dit.KVCache):
-            stats["bytes"] = max(stats["bytes"], out.nbytes())
+        stats["bytes"] = max(stats["bytes"], make.nbytes())
         return out
     t0 = time.perf_counter()
     video = pf.sample_video(velocity, (1, s["channels"], s["latent"], s["latent"]), frames, pf.stage_windows(s["K"]),
