@@ -96,7 +96,7 @@ class HistoryCache:
 
     def __init__(self, net, cfg, captions, video_guidance, grid=None):
         self.net, self.K, self.captions, self.guidance, self.grid = net, cfg["K"], captions, video_guidance, grid
-        self.kept = {}      # stage k -> (the lowest-level history frames, the KVCache of the text and them)
+        self.kept = {}       # stage k -> (the lowest-level history frames, the KVCache of the text and them)
         self.current = None  # the cache the steps of the current stage read
 
     def __call__(self, history, x, k):

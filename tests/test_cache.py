@@ -1,7 +1,8 @@
 """The KV cache of cached sampling (dit.KVCache): cached equals uncached for text-to-video,
 image-to-video and continuation, with CFG, per-frame attention on and off, x-prediction and
-interpolated positions; models it would be wrong for (bidirectional, history at the current time)
-refuse it and sample uncached; --max_history; the benchmark's quick mode. CPU, fp32, tiny models."""
+interpolated positions; the part of old frames is kept from frame to frame; models it would be
+wrong for (bidirectional, history at the current time) refuse it and sample uncached;
+--max_history; the benchmark's quick mode. CPU, fp32 (one fp64 check), tiny models."""
 import dataclasses
 
 import pytest
