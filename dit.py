@@ -201,6 +201,7 @@ class KVCache:
         self.key_valid = base.key_valid if base else None            # [B, P] bool, False = text padding
         self.frame_of_token = base.frame_of_token if base else None  # [P], text tokens in frame 0
         self.frames = base.frames if base else 0                     # history frames held
+        self.y = base.y if base else None                            # [B, D] the embedded pooled text
         self.pos_grid = pos_grid  # (rows, cols) of the token grid the positions refer to
         self.filling = True       # make_cache's pass stores what it computes; the steps after it do not
 
@@ -249,7 +250,9 @@ class MMDiTBlock(nn.Module):
         L, heads = txt.shape[1], self.cfg.heads
         # per-token modulation: history tokens read row 0 (clean time), noisy tokens row 1
         img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)    # 6 x [B, N, D]
-        txt_mods = self.txt_adaLN_modulation(txt_vec)[:, None].chunk(2 if self.last else 6, dim=-1)  # [B, 1, D] each
+        n_txt_mods = 2 if self.last else 6
+        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L  # [B, 1, D] each
+                    else [txt] * n_txt_mods)  # no text tokens (cached steps): skip the weights' read
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
 
@@ -412,10 +415,11 @@ class MMDiT(nn.Module):
         grid (the paper's extrapolation across stages). Passing the full-resolution size instead
         interpolates a low-stage current frame onto the full grid, as history frames are.
         cache: a KVCache of the text and history frames (make_cache); frames is then [current]
-        alone and text, text_mask are not read. Same result as passing them, at a fraction of the cost."""
+        alone and text, text_mask, pooled are not read (the cache holds what they give). Same
+        result as passing them, at a fraction of the cost."""
         self.check_frames(frames, all_frames)
         if cache is not None:
-            return self.cached_forward(frames, pooled, t, grid, cache)
+            return self.cached_forward(frames, t, grid, cache)
         T, L, p = len(frames), text.shape[1], self.cfg.patch_size
         H, W = (s // p for s in frames[-1].shape[-2:])                    # current token grid
         img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
@@ -459,8 +463,9 @@ class MMDiT(nn.Module):
             raise ValueError("a base cache holds the first of these history frames, on the same grid")
         if base is not None and base.frames == len(history):
             return base
-        _, vec_clean = self.conditioning(pooled, torch.ones(B, device=device))  # all of it is clean data
         cache = KVCache(self.cfg.depth, pos_grid, base)
+        cache.y = self.y_embedder(pooled)                                      # [B, D]
+        vec_clean = self.t_embedder(torch.ones(B, device=device)) + cache.y   # all of it is clean data
         if base is not None:
             self.run_after(cache, history[base.frames:], vec_clean)
         else:  # text and history in one pass, as forward runs them
@@ -490,13 +495,13 @@ class MMDiT(nn.Module):
         txt = img.new_zeros(B, 0, D)                                           # the text is in the cache
         return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
 
-    def cached_forward(self, frames, pooled, t, grid, cache):
+    def cached_forward(self, frames, t, grid, cache):
         """forward for the current frame alone, its queries over [cached text and history | own] keys."""
         x, p = frames[-1], self.cfg.patch_size
         B, H, W = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
         if len(frames) != 1 or B != len(cache.key_valid) or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
             raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
-        vec, _ = self.conditioning(pooled, t)
+        vec = self.t_embedder(t) + cache.y                                     # [B, D]
         out = self.final_layer(self.run_after(cache, [x], vec), vec)           # [B, H*W, p*p*C]
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
 
@@ -551,6 +556,8 @@ class TextToVideo(nn.Module):
         self.dit = MMDiT(cfg)
 
     def forward(self, frames, captions, t, all_frames: bool = False, grid=None, cache=None):
+        if cache is not None:  # made from these captions: the text is in it
+            return self.dit(frames, None, None, None, t, grid=grid, cache=cache)
         text, mask, pooled = self.text_encoder(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid, cache=cache)
 
