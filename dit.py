@@ -13,7 +13,9 @@ Jin et al., "Pyramidal Flow Matching for Efficient Video Generative Modeling" (I
 
 Time is in paper notation: t = 0 noise, t = 1 data. History frames are modulated with the clean
 time t = 1 (not the current t, as the release does): their activations then do not depend on the
-step being denoised, which is what makes a KV cache possible.
+step being denoised, which is what makes a KV cache possible (KVCache, MMDiT.make_cache: sampling
+computes the text and history keys and values once per frame and stage). The release's modulation
+is kept as an option (DiTConfig.history_time = "current"), without a cache, for comparison.
 
 Tensor legend: video [B, C, T, H, W]; one latent frame [B, C, h, w]; tokens [B, L, D];
 per-head tensors [B, heads, S, head_dim]; S = L_text + N_video is the joint sequence length.
@@ -52,6 +54,8 @@ class DiTConfig:
     time_freq_dim: int = 256       # sinusoidal features of t before the time MLP (DiT)
     time_scale: float = 1000.0     # t in [0, 1] -> [0, 1000] so sin-cos frequencies resolve it
     norm_eps: float = 1e-6         # eps of LayerNorm / RMSNorm, as SD3
+    history_time: str = "clean"    # history (and, with history, text) modulated with the clean time t = 1 |
+    #   "current": with the current t, as the paper's release (its keys then change every step: no KV cache)
 
 
 SIZES: dict[str, DiTConfig] = {
@@ -107,7 +111,8 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- attention
-def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, causal: bool = True,
+                      query_frames: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask, True = may attend. frame_of_token [S], key_valid [B, S] -> [B, 1, S, S].
 
     Query q may see key k iff frame(q) >= frame(k) and k is not padding. Text tokens carry frame 0,
@@ -124,11 +129,14 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
             frame 1 token    x  x  .  x  x  x  x
 
     With causal=False (bidirectional, Fig. 11) only padding is masked: returns [B, 1, 1, S].
+    query_frames [N]: the frames of queries that are only the last N tokens (the keys before them
+    come from a KVCache): returns the last N rows, [B, 1, N, S].
     """
     pad = key_valid[:, None, None, :]                                              # [B, 1, 1, S]
     if not causal:
         return pad
-    return pad & (frame_of_token[:, None] >= frame_of_token[None, :])             # [B, 1, S, S]
+    queries = frame_of_token if query_frames is None else query_frames
+    return pad & (queries[:, None] >= frame_of_token[None, :])                    # [B, 1, S or N, S]
 
 
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
@@ -174,16 +182,52 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
 
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values (after RoPE) of the text and history tokens in every block, for sampling.
+
+    Under the blockwise-causal mask neither text nor history tokens see the current frame, and
+    history (and, once there is history, text) is modulated with the clean time, so within one
+    stage of one frame their keys and values are the same at every Euler step. MMDiT.make_cache
+    computes them once; each step then runs only the current frame's tokens, whose queries attend
+    to [cached keys | own keys]. A cache holds for one batch, text and current-frame grid (history
+    positions live on the current grid). Older frames never see newer ones, so a cache of the
+    first frames can be extended by later ones (make_cache's base) without recomputing it.
+    """
+
+    def __init__(self, depth, pos_grid, base=None):
+        self.keys = list(base.keys) if base else [None] * depth      # per block [B, heads, P, head_dim]
+        self.values = list(base.values) if base else [None] * depth
+        self.key_valid = base.key_valid if base else None            # [B, P] bool, False = text padding
+        self.frame_of_token = base.frame_of_token if base else None  # [P], text tokens in frame 0
+        self.frames = base.frames if base else 0                     # history frames held
+        self.y = base.y if base else None                            # [B, D] the embedded pooled text
+        self.pos_grid = pos_grid  # (rows, cols) of the token grid the positions refer to
+        self.filling = True       # make_cache's pass stores what it computes; the steps after it do not
+
+    def extend(self, layer, k, v):
+        """The keys and values block `layer` attends with: the cached ones followed by its own."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)                            # [B, H, P+N, head_dim]
+            v = torch.cat([self.values[layer], v], dim=2)
+        if self.filling:
+            self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.keys + self.values)
+
+
 # ----------------------------------------------------------------------------- the block
 class MMDiTBlock(nn.Module):
     """SD3 joint block: per-stream adaLN-Zero, qkv, q/k RMSNorm; one joint attention; per-stream
     output projection and MLP. With last=True the text stream stops after attention (its output
     would never be read), so it has neither output projection nor MLP."""
 
-    def __init__(self, cfg: DiTConfig, last: bool = False):
+    def __init__(self, cfg: DiTConfig, last: bool = False, layer: int = 0):
         super().__init__()
         D, head_dim, hidden = cfg.width, cfg.width // cfg.heads, int(cfg.width * cfg.mlp_ratio)
-        self.cfg, self.last = cfg, last
+        self.cfg, self.last, self.layer = cfg, last, layer  # layer: this block's index (its KV cache entry)
         norm = lambda: nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
         # video stream: shift/scale/gate for attention and for the MLP
         self.img_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -199,14 +243,16 @@ class MMDiTBlock(nn.Module):
         if not last:
             self.txt_proj, self.txt_norm2, self.txt_mlp = nn.Linear(D, D), norm(), Mlp(D, hidden)
 
-    def forward(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends=None):
+    def forward(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends=None, cache=None):
         """img [B, N, D]; txt [B, L, D]; img_vec [B, 2, D] conditioning of (history, noisy) tokens;
         img_is_noisy [N] long picks a row of img_vec per token; txt_vec [B, D]; rope [S, head_dim/2];
-        mask and block_ends as in attention()."""
+        mask and block_ends as in attention(); cache: a KVCache being filled or to attend to."""
         L, heads = txt.shape[1], self.cfg.heads
         # per-token modulation: history tokens read row 0 (clean time), noisy tokens row 1
         img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)    # 6 x [B, N, D]
-        txt_mods = self.txt_adaLN_modulation(txt_vec)[:, None].chunk(2 if self.last else 6, dim=-1)  # [B, 1, D] each
+        n_txt_mods = 2 if self.last else 6
+        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L  # [B, 1, D] each
+                    else [txt] * n_txt_mods)  # no text tokens (cached steps): skip the weights' read
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
 
@@ -221,6 +267,8 @@ class MMDiTBlock(nn.Module):
         # joint attention over [text | video], RoPE on the frame index
         q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))  # [B, H, S, head_dim]
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.extend(self.layer, k, v)                             # [B, H, P+S, head_dim]
         out = attention(q, k, v, mask, self.cfg.manual_attention, block_ends)
         out = rearrange(out, "b h s d -> b s (h d)")                          # [B, S, D]
         txt_attn, img_attn = out[:, :L], out[:, L:]
@@ -256,13 +304,15 @@ class MMDiT(nn.Module):
         super().__init__()
         if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
             raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
+        if cfg.history_time not in ("clean", "current"):
+            raise ValueError(f"history_time must be clean or current, got {cfg.history_time!r}")
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
         self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)            # patchify is a rearrange + linear
         self.t_embedder = TimestepEmbedder(cfg)
         self.y_embedder = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))  # pooled text
         self.context_embedder = nn.Linear(cfg.text_dim, D)                   # text tokens -> text stream
-        self.blocks = nn.ModuleList(MMDiTBlock(cfg, last=(i == cfg.depth - 1)) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(MMDiTBlock(cfg, last=(i == cfg.depth - 1), layer=i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
 
@@ -303,61 +353,156 @@ class MMDiT(nn.Module):
             if all_frames and (h, w) != (H, W):
                 raise ValueError(f"all_frames needs equal frame sizes, frame {j} is {h}x{w} vs {H}x{W}")
 
-    def forward(self, frames, text, text_mask, pooled, t, all_frames: bool = False, grid=None):
+    @property
+    def cacheable(self) -> bool:
+        """Whether the text and history keys stay fixed over a stage's steps (KVCache): not under
+        bidirectional attention (they see the current frame), nor with history_time="current" (they follow t)."""
+        return self.cfg.causal and self.cfg.history_time == "clean"
+
+    def token_grid(self, size, grid=None):
+        """(rows, cols) of the token grid positions refer to: the current frame's (size) or grid's."""
+        p = self.cfg.patch_size
+        return (size[0] // p, size[1] // p) if grid is None else (grid[0] // p, grid[1] // p)
+
+    def embed(self, frames, pos_grid, first_frame=0):
+        """Frames (oldest first, the first one being frame `first_frame`) -> video tokens [B, N, D]
+        with 2-D positions on pos_grid, the frame index of each token [N], tokens per frame."""
+        p, device = self.cfg.patch_size, frames[-1].device
+        tokens, positions, frame_ids = [], [], []
+        for j, x in enumerate(frames, start=first_frame):
+            h, w = x.shape[-2] // p, x.shape[-1] // p
+            tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))  # [B, h*w, C*p*p]
+            positions.append(spatial_positions(h, w, *pos_grid, device))
+            frame_ids.append(torch.full((h * w,), j, device=device))
+        img = self.x_embedder(torch.cat(tokens, 1))                            # [B, N, D]
+        img = img + sincos_embed_2d(torch.cat(positions), self.cfg.width).to(img.dtype)
+        return img, torch.cat(frame_ids), [x.shape[1] for x in tokens]
+
+    def conditioning(self, pooled, t):
+        """(vec, vec_history) [B, D]: time embedding + pooled text, at t and at the time history
+        tokens take (clean data, t = 1, whatever t is; or t itself with history_time="current")."""
+        y = self.y_embedder(pooled)                                            # [B, D]
+        vec = self.t_embedder(t) + y
+        if self.cfg.history_time == "current":
+            return vec, vec
+        return vec, self.t_embedder(torch.ones_like(t)) + y
+
+    def layout(self, frame_ids, key_valid, tokens_per_frame, L):
+        """Attention layout of [text | frames]: RoPE angles [S, head_dim/2], the mask, and the query
+        blocks of per-frame attention (text joins frame 0's block)."""
+        cfg = self.cfg
+        frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=frame_ids.device), frame_ids])  # [S]
+        per_frame = cfg.causal and cfg.per_frame_attention                     # causality by slicing, not masking
+        mask = block_causal_mask(frame_of_token, key_valid, causal=cfg.causal and not per_frame)
+        block_ends = [L + n for n in accumulate(tokens_per_frame)] if per_frame else None
+        return rope_angles(frame_of_token, cfg.width // cfg.heads, cfg.rope_theta), mask, block_ends
+
+    def run_blocks(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache=None):
+        for block in self.blocks:
+            args = (img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache)
+            if self.cfg.grad_checkpointing and self.training:
+                img, txt = checkpoint(block, *args, use_reentrant=False)
+            else:
+                img, txt = block(*args)
+        return img
+
+    def forward(self, frames, text, text_mask, pooled, t, all_frames: bool = False, grid=None, cache=None):
         """frames: list of [B, C, h_j, w_j], oldest first, the last one the noisy current frame.
         text [B, L, text_dim], text_mask [B, L] bool (True = real token), pooled [B, pooled_dim],
         t [B] in [0, 1] (0 = noise). Returns the velocity [B, C, h, w] of the current frame, or with
         all_frames=True (full-sequence baseline, every frame noisy at t) [B, C, T, h, w].
         grid: the (rows, cols) of pixels that positions refer to; None = the current frame's own
         grid (the paper's extrapolation across stages). Passing the full-resolution size instead
-        interpolates a low-stage current frame onto the full grid, as history frames are."""
+        interpolates a low-stage current frame onto the full grid, as history frames are.
+        cache: a KVCache of the text and history frames (make_cache); frames is then [current]
+        alone and text, text_mask, pooled are not read (the cache holds what they give). Same
+        result as passing them, at a fraction of the cost."""
         self.check_frames(frames, all_frames)
-        cfg, p = self.cfg, self.cfg.patch_size
-        T, L = len(frames), text.shape[1]
+        if cache is not None:
+            return self.cached_forward(frames, t, grid, cache)
+        T, L, p = len(frames), text.shape[1], self.cfg.patch_size
         H, W = (s // p for s in frames[-1].shape[-2:])                    # current token grid
-        H_pos, W_pos = (H, W) if grid is None else (grid[0] // p, grid[1] // p)  # positions' grid
-        device = frames[-1].device
-
-        tokens, positions, frame_ids = [], [], []
-        for j, x in enumerate(frames):
-            h, w = x.shape[-2] // p, x.shape[-1] // p
-            tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))  # [B, h*w, C*p*p]
-            positions.append(spatial_positions(h, w, H_pos, W_pos, device))
-            frame_ids.append(torch.full((h * w,), j, device=device))
-        frame_ids = torch.cat(frame_ids)                                       # [N]
-        img = self.x_embedder(torch.cat(tokens, 1))                            # [B, N, D]
-        img = img + sincos_embed_2d(torch.cat(positions), cfg.width).to(img.dtype)
+        img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
         txt = self.context_embedder(text)                                      # [B, L, D]
 
-        # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is;
-        # text tokens belong to frame 0, so they take frame 0's conditioning.
-        y = self.y_embedder(pooled)                                            # [B, D]
-        vec = self.t_embedder(t) + y
-        vec_clean = self.t_embedder(torch.ones_like(t)) + y
-        img_vec = torch.stack([vec_clean, vec], dim=1)                         # [B, 2, D]
+        # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is
+        # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
+        vec, vec_history = self.conditioning(pooled, t)
+        img_vec = torch.stack([vec_history, vec], dim=1)                       # [B, 2, D]
         img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()  # [N]
-        txt_vec = vec if (T == 1 or all_frames) else vec_clean
+        txt_vec = vec if (T == 1 or all_frames) else vec_history
 
-        frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=device), frame_ids])  # [S]
-        video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=device)
+        video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=img.device)
         key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)          # [B, S]
-        per_frame = cfg.causal and cfg.per_frame_attention                     # causality by slicing, not masking
-        mask = block_causal_mask(frame_of_token, key_valid, causal=cfg.causal and not per_frame)
-        # query blocks for per-frame attention: text joins frame 0's block
-        block_ends = [L + n for n in accumulate(x.shape[1] for x in tokens)] if per_frame else None
-        rope = rope_angles(frame_of_token, cfg.width // cfg.heads, cfg.rope_theta)  # [S, head_dim/2]
-
-        for block in self.blocks:
-            args = (img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends)
-            if cfg.grad_checkpointing and self.training:
-                img, txt = checkpoint(block, *args, use_reentrant=False)
-            else:
-                img, txt = block(*args)
+        rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
+        img = self.run_blocks(img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends)
 
         if all_frames:                                                         # every frame is noisy
             out = self.final_layer(img, vec)                                   # [B, T*H*W, p*p*C]
             return rearrange(out, "b (t h w) (c p1 p2) -> b c t (h p1) (w p2)", t=T, h=H, w=W, p1=p, p2=p)
         out = self.final_layer(img[:, -H * W:], vec)                           # [B, H*W, p*p*C], current frame
+        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
+
+    @torch.no_grad()
+    def make_cache(self, history, text, text_mask, pooled, size, grid=None, base=None) -> KVCache:
+        """The KVCache of the text and the history frames (oldest first) for forward(..., cache=)
+        calls on current frames of size (h, w), with the same batch, text and grid: text + history
+        through all blocks, as forward runs them for those tokens. base: a cache of the text and
+        the first base.frames of these frames (same size and grid), which then runs only the later
+        ones, their queries over [base | own] keys. It needs a `cacheable` model and at least one
+        history frame: the first frame has no cache, as the text sees frame 0, then the current
+        frame, and takes the current t."""
+        if not self.cacheable:
+            raise ValueError("no KV cache for this model: it needs causal attention and history_time='clean'")
+        if not history:
+            raise ValueError("no KV cache without history: the text sees frame 0, the current frame")
+        B, device = history[-1].shape[0], history[-1].device
+        self.check_frames(history + [history[-1].new_empty(B, self.cfg.in_channels, *size)], False)
+        pos_grid = self.token_grid(size, grid)
+        if base is not None and (base.pos_grid != pos_grid or base.frames > len(history)):
+            raise ValueError("a base cache holds the first of these history frames, on the same grid")
+        if base is not None and base.frames == len(history):
+            return base
+        cache = KVCache(self.cfg.depth, pos_grid, base)
+        cache.y = self.y_embedder(pooled)                                      # [B, D]
+        vec_clean = self.t_embedder(torch.ones(B, device=device)) + cache.y   # all of it is clean data
+        if base is not None:
+            self.run_after(cache, history[base.frames:], vec_clean)
+        else:  # text and history in one pass, as forward runs them
+            L = text.shape[1]
+            img, frame_ids, tokens_per_frame = self.embed(history, pos_grid)
+            video_valid = torch.ones(B, len(frame_ids), dtype=torch.bool, device=device)
+            key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)      # [B, P]
+            rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
+            self.run_blocks(img, self.context_embedder(text), vec_clean[:, None], torch.zeros_like(frame_ids),
+                            vec_clean, rope, mask, block_ends, cache)
+            cache.key_valid, cache.frames = key_valid, len(history)
+            cache.frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=device), frame_ids])
+        cache.filling = False
+        return cache
+
+    def run_after(self, cache, frames, vec):
+        """Tokens [B, N, D] of frames that follow the cache's, after all blocks, modulated with vec,
+        their queries over [cached | own] keys (causal among them); a filling cache keeps them too."""
+        img, frame_ids, _ = self.embed(frames, cache.pos_grid, first_frame=cache.frames)  # [B, N, D]
+        B, N, D = img.shape
+        key_valid = torch.cat([cache.key_valid, torch.ones(B, N, dtype=torch.bool, device=img.device)], 1)
+        key_frames = torch.cat([cache.frame_of_token, frame_ids])                      # [P+N]
+        mask = block_causal_mask(key_frames, key_valid, query_frames=frame_ids)         # [B, 1, N, P+N]
+        rope = rope_angles(frame_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)  # [N, head_dim/2]
+        if cache.filling:
+            cache.key_valid, cache.frame_of_token, cache.frames = key_valid, key_frames, cache.frames + len(frames)
+        txt = img.new_zeros(B, 0, D)                                           # the text is in the cache
+        return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
+
+    def cached_forward(self, frames, t, grid, cache):
+        """forward for the current frame alone, its queries over [cached text and history | own] keys."""
+        x, p = frames[-1], self.cfg.patch_size
+        B, H, W = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
+        if len(frames) != 1 or B != len(cache.key_valid) or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
+            raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
+        vec = self.t_embedder(t) + cache.y                                     # [B, D]
+        out = self.final_layer(self.run_after(cache, [x], vec), vec)           # [B, H*W, p*p*C]
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
 
 
@@ -410,14 +555,25 @@ class TextToVideo(nn.Module):
         self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len)
         self.dit = MMDiT(cfg)
 
-    def forward(self, frames, captions, t, all_frames: bool = False, grid=None):
+    def forward(self, frames, captions, t, all_frames: bool = False, grid=None, cache=None):
+        if cache is not None:  # made from these captions: the text is in it
+            return self.dit(frames, None, None, None, t, grid=grid, cache=cache)
         text, mask, pooled = self.text_encoder(captions)
-        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
+        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid, cache=cache)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, cache=None):
         if guidance == 1.0:
-            return self(frames, captions, t, grid=grid)
+            return self(frames, captions, t, grid=grid, cache=cache)
         B = len(captions)
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
-        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid).chunk(2)
+        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid, cache=cache).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG
+
+    def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None, base=None):
+        """MMDiT.make_cache for guided(..., cache=) calls with this guidance: with CFG, of both
+        halves (conditional and null caption) in one [2B] batch, as guided runs them."""
+        if guidance != 1.0:
+            history = [torch.cat([x, x]) for x in history]                     # [2B, C, h, w] each
+            captions = list(captions) + [""] * len(captions)
+        text, mask, pooled = self.text_encoder(captions)
+        return self.dit.make_cache(history, text, mask, pooled, size, grid=grid, base=base)

@@ -279,7 +279,8 @@ def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 
 
 @torch.no_grad()
 def sample_video(velocity, frame_shape, num_frames, windows, steps, steps_later=None, prefix=None,
-                 generator=None, renoise=True, dtype=torch.float32, device="cpu", on_frame=None):
+                 generator=None, renoise=True, dtype=torch.float32, device="cpu", on_frame=None,
+                 condition=None, max_history=0):
     """Autoregressive generation: Algorithm 1 for each latent frame, conditioned on the clean
     temporal pyramid of the frames before it (Eq. 17).
 
@@ -289,16 +290,24 @@ def sample_video(velocity, frame_shape, num_frames, windows, steps, steps_later=
     image for image-to-video, a clip to continue): they are kept and only the rest is generated.
     The first frame takes `steps`, later frames `steps_later` (default: the same). Returns the
     video [B, C, num_frames, H, W].
+    condition(history, x, k), optional: called once per frame and stage with that history and the
+    stage's first x; what it returns reaches velocity in place of the history (work shared by the
+    steps of a stage, e.g. a KV cache of the history tokens). max_history > 0 keeps only that many
+    most recent frames as history, the oldest dropped (0 = all): memory and time for long videos.
     """
+    if max_history < 0:
+        raise ValueError(f"max_history must be >= 0 (0 = all frames), got {max_history}")
     K = len(windows)
     frames = [] if prefix is None else list(prefix.to(device, dtype).unbind(2))
     for i in range(len(frames), num_frames):
-        past = torch.stack(frames, 2) if frames else None                     # [B, C, i, H, W]
+        kept = frames[-max_history:] if max_history else frames
+        past = torch.stack(kept, 2) if kept else None                         # [B, C, len(kept), H, W]
         conds = {}
 
         def v(x, k, t):
             if k not in conds:  # the history pyramid depends on the stage, not on t
-                conds[k] = history_condition(past, k, K) if past is not None else []  # Eq. 17
+                history = history_condition(past, k, K) if past is not None else []  # Eq. 17
+                conds[k] = history if condition is None else condition(history, x, k)
             return velocity(conds[k], x, k, t)
         n = steps if i == 0 or steps_later is None else steps_later
         frames.append(sample(v, frame_shape, windows, n, generator, renoise, dtype=dtype, device=device))

@@ -10,6 +10,9 @@ conditioned on the clean temporal pyramid of the frames before it (Eq. 17): pf.s
 Classifier-free guidance v = v_u + w (v_c - v_u) with w = --guidance for the first frame and
 --video_guidance for later ones. mp4 keeps small frames unresized (macro_block_size=1); gif is the
 faithful format for tiny saturated frames (mp4's 4:2:0 chroma smears them).
+Each stage of each frame computes the text and history keys and values once and reuses them at
+every Euler step (dit.KVCache; --cache=false recomputes them, same video); --max_history=N keeps
+only the N most recent latent frames as history (0 = all).
 Tensor legend: video [B, C, T, H, W], pixels in [-1, 1].
 """
 import os
@@ -73,21 +76,61 @@ def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, devi
 
     def velocity(history, x, k, t):
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
-        w = guidance if not history else video_guidance  # no history: the first frame
-        out = net.guided(history + [x], captions, tau, w, grid=grid)  # CFG is linear, so it may act on x too
+        cache = history if isinstance(history, dit.KVCache) else None  # the history is in the cache
+        w = guidance if not (cache or history) else video_guidance  # no history: the first frame
+        frames = [x] if cache else history + [x]
+        out = net.guided(frames, captions, tau, w, grid=grid, cache=cache)  # CFG is linear, so it may act on x too
         if cfg.get("prediction", "v") == "x":
             return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
         return out
     return velocity
 
 
+class HistoryCache:
+    """condition(history, x, k) for pf.sample_video: the KV cache of the text and history tokens
+    (dit.KVCache), made once per frame and stage and read by every Euler step of it. History frames
+    that have reached the lowest level stay there as the video grows (pf.history_levels), so the
+    cache of the text and those frames is kept per stage and only extended at the next frame.
+    The first frame (no history) and models without a cache (bidirectional, history at the
+    current t) get the plain history back: they sample uncached."""
+
+    def __init__(self, net, cfg, captions, video_guidance, grid=None):
+        self.net, self.K, self.captions, self.guidance, self.grid = net, cfg["K"], captions, video_guidance, grid
+        self.kept = {}       # stage k -> (the lowest-level history frames, the KVCache of the text and them)
+        self.current = None  # the cache the steps of the current stage read
+
+    def __call__(self, history, x, k):
+        if not history or not self.net.dit.cacheable:
+            return history
+        n = pf.history_levels(len(history), k, self.K).count(self.K - 1)  # the oldest n frames: level K-1 for good
+        frames, base = self.kept.get(k, ([], None))
+        if len(frames) > n or not all(torch.equal(a, b) for a, b in zip(frames, history)):
+            base = None  # not the frames it holds (max_history dropped the oldest): start again
+        if n:
+            base = self.make(history[:n], x.shape[-2:], base)
+            self.kept[k] = (history[:n], base)
+        self.current = self.make(history, x.shape[-2:], base)
+        return self.current
+
+    def make(self, history, size, base):
+        return self.net.make_cache(history, self.captions, size, self.guidance, self.grid, base=base)
+
+    def nbytes(self):
+        """Bytes of the keys and values held: the kept caches and the one the steps read."""
+        caches = {id(c): c for c in [self.current] + [base for _, base in self.kept.values()] if c is not None}
+        return sum(c.nbytes() for c in caches.values())
+
+
 @torch.no_grad()
 def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=None, steps_later=None,
-             guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True):
+             guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True, cache=True,
+             max_history=0):
     """Pixel videos [B, 3, frames, H, W] in [-1, 1] for `captions`; `prefix` [B, 3, P, H, W] holds
     given first frames (image-to-video, continuation). Unset options take the run's settings (the
     steps and guidance of its end-of-training report); the command line passes the release's step
-    counts and leaves the guidance to the run."""
+    counts and leaves the guidance to the run. cache: reuse the text and history keys and values
+    across a stage's steps (HistoryCache; same video, less time); max_history > 0: only that many
+    most recent latent frames as history."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
     steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k
@@ -108,7 +151,9 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)
     z = pf.sample_video(velocity, (B, C, side, side), T, windows, steps, steps_later, prefix=prefix,
-                        generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1))
+                        generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1),
+                        condition=HistoryCache(net, cfg, captions, w_later, grid) if cache else None,
+                        max_history=max_history)
     bar.close()
     video = vae.decode(vae.denormalize(z)) if vae is not None else z
     if given is not None:  # the given frames stay exactly as given (a VAE round trip would blur them)
@@ -186,7 +231,7 @@ def read_video(path, size):
 def parse(argv):
     opts = dict(ckpt="", prompt="", prompts="", out="", seed="0", image="", video="", frames="",
                 steps="", steps_later="", guidance="", video_guidance="", format="gif", device="cpu",
-                renoise="true")
+                renoise="true", cache="true", max_history="0")
     for arg in argv:
         key, eq, value = arg.lstrip("-").partition("=")
         key = key.replace("-", "_")
@@ -243,6 +288,9 @@ def main(argv):
     frames = number(o, "frames", int, cfg["frames"])
     if frames < 1:
         fail(f"--frames must be at least 1, got {frames}")
+    max_history = number(o, "max_history", int, 0)
+    if max_history < 0:
+        fail(f"--max_history must be >= 0 (0 = all frames), got {max_history}")
     K = cfg["K"]
 
     def stage_list(key):
@@ -266,7 +314,8 @@ def main(argv):
                       steps=stage_list("steps"), steps_later=stage_list("steps_later"),
                       guidance=number(o, "guidance", float, None),
                       video_guidance=number(o, "video_guidance", float, None),
-                      renoise=o["renoise"].lower() not in ("0", "false", "no"), device=o["device"])
+                      renoise=o["renoise"].lower() not in ("0", "false", "no"), device=o["device"],
+                      cache=o["cache"].lower() not in ("0", "false", "no"), max_history=max_history)
     for path, v in zip(outs, videos):
         write_video(path, v)
         print(f"wrote {path}")

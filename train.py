@@ -88,6 +88,7 @@ class Config:
     causal: bool = True            # False: bidirectional attention (Fig. 11 ablation)
     prediction: str = "v"          # the network predicts v (the paper) | x (the clean frame, pf.velocity_from_clean)
     positions: str = "extrapolate"  # current frame on its own grid (paper) | "interpolate" onto the full grid
+    history_time: str = "clean"    # history modulated at t = 1 (KV cache) | "current" t (the release; no cache)
     grad_checkpointing: bool = False
     # sampling at the end of a video run (also sample.py's defaults)
     eval_captions: int = 48        # captions sampled and scored at the end (0: none)
@@ -402,7 +403,10 @@ class Video:
         if cfg.patch:
             changes["patch_size"] = cfg.patch
         self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
-                                           grad_checkpointing=cfg.grad_checkpointing, **changes)
+                                           grad_checkpointing=cfg.grad_checkpointing, history_time=cfg.history_time,
+                                           **changes)
+        if cfg.history_time not in ("clean", "current"):
+            raise SystemExit(f"error: --history_time must be clean or current, got {cfg.history_time!r}")
         if cfg.prediction not in ("v", "x"):
             raise SystemExit(f"error: --prediction must be v or x, got {cfg.prediction!r}")
         if cfg.positions not in ("extrapolate", "interpolate"):
