@@ -251,11 +251,17 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+def check_config(cfg: DiTConfig):
+    """ValueError unless the width splits into heads of even size (RoPE rotates pairs) and quarters
+    (the 2-D sin-cos embedding); train.py checks a run's settings with it before any work."""
+    if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
+        raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
+
+
 class MMDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
-            raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
+        check_config(cfg)
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
         self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)            # patchify is a rearrange + linear

@@ -12,7 +12,9 @@ Classifier-free guidance v = v_u + w (v_c - v_u) with w = --guidance for the fir
 faithful format for tiny saturated frames (mp4's 4:2:0 chroma smears them).
 Tensor legend: video [B, C, T, H, W], pixels in [-1, 1].
 """
+import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -30,27 +32,69 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def read_checkpoint(path, kind, what, hint=""):
+    """The dict train.py saved at `path` (tensors on the CPU), checked to be of `kind`; a missing,
+    truncated or foreign file gets one line, not a traceback. Never unpickles code (weights_only)."""
+    if not os.path.isfile(path):
+        fail(f"no {what} at {path}{hint}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated, or not written by torch.save)")
+    if not isinstance(ck, dict) or ck.get("kind") != kind:
+        fail(f"{path} is not a {what} of this repository{hint}")
+    return ck
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), with a one-line error for a checkpoint of another shape."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+        fail(f"{path} does not fit this model ({type(module).__name__}: {reason[:200]})")
+
+
+def atomic_write(path, write):
+    """`write(tmp)` writes the file to a temporary name beside `path`, which is then renamed over
+    `path`: an interrupted or failed write never leaves a partial file under `path`, and a failed
+    one (disk full) removes its temporary file and ends the run with one line."""
+    ext = os.path.splitext(path)[1]
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{ext}")  # same ext: same format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+             f"whatever was there before is unchanged")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # -----------------------------------------------------------------------------
 # Loading and generating
 
 def load(path, device="cpu", use_ema=True):
     """(net, config dict, vae or None) from a checkpoint written by train.py's video presets."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
+    hint = " (train one with python train.py)"
+    ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint)
+    if ck.get("task") != "video" or not isinstance(ck.get("config"), dict):
+        fail(f"{path} is not a video checkpoint of this repository{hint}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ck, dict) or ck.get("kind") != "pyramid-flow" or ck.get("task") != "video":
-        fail(f"{path} is not a video checkpoint of this repository (train one with python train.py)")
-    net = dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]))
-    state = ck["ema" if use_ema else "model"]
-    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+        net = dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]))
+        state = ck["ema" if use_ema else "model"]
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path} is a damaged video checkpoint ({type(e).__name__}: {e})")
+    load_weights(net, {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, path)
     vae = None
     if ck.get("vae") is not None:
         import vae as vae_module
-        vae = vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"]))
-        vae.load_state_dict(ck["vae"])
+        try:
+            vae = vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"]))
+        except (KeyError, TypeError, ValueError) as e:
+            fail(f"{path} is a damaged video checkpoint ({type(e).__name__}: {e})")
+        load_weights(vae, ck["vae"], path)
         vae = vae.eval().to(device)
     return net.eval().to(device), ck["config"], vae
 
@@ -125,24 +169,17 @@ def to_uint8(video):
 
 
 def write_video(path, video):
-    """One video [3, F, H, W] to .gif or .mp4, atomically (temp file, then rename): an interrupted
-    or failed write never leaves a partial file under the requested name. A gif stores identical
+    """One video [3, F, H, W] to .gif or .mp4, atomically (atomic_write). A gif stores identical
     consecutive frames as one longer frame (Pillow): same playback, fewer frames read back."""
     import imageio.v2 as imageio
     ext = os.path.splitext(path)[1].lower()
-    frames = to_uint8(video)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{ext}")
-    try:
-        if ext == ".gif":
-            imageio.mimwrite(tmp, list(frames), duration=1000 / FPS, loop=0)
-        elif ext == ".mp4":
-            imageio.mimwrite(tmp, list(frames), fps=FPS, macro_block_size=1, quality=9)
-        else:
-            fail(f"unknown video format {ext!r} for {path}; use .gif or .mp4")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    frames = list(to_uint8(video))
+    if ext == ".gif":
+        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, duration=1000 / FPS, loop=0))
+    elif ext == ".mp4":
+        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, fps=FPS, macro_block_size=1, quality=9))
+    else:
+        fail(f"unknown video format {ext!r} for {path}; use .gif or .mp4")
 
 
 def tile(videos, cols):
@@ -155,12 +192,30 @@ def tile(videos, cols):
     return grid.reshape(C, F, rows * H, cols * W)
 
 
+def to_rgb(img):
+    """A PIL image of any mode -> 8-bit RGB: 16-bit grey scaled down (not clipped at 255, which
+    turns it white), transparency composited on black, the background of the training data."""
+    from PIL import Image
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey (PNG opens as I;16 or I)
+        grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, img)
+    return img.convert("RGB")
+
+
 def read_image(path, size):
     from PIL import Image
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        fail(f"cannot read image {path} ({e})")
+        with Image.open(path) as f:
+            img = to_rgb(f)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"cannot read image {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if img.size != (size, size):
         print(f"note: resizing {path} from {img.size[0]}x{img.size[1]} to {size}x{size}, the model's frame size")
         img = img.resize((size, size), Image.BICUBIC)
@@ -169,12 +224,23 @@ def read_image(path, size):
 
 
 def read_video(path, size):
+    """A clip [1, 3, F, H, W] in [-1, 1] from a gif or mp4 (grey or 16-bit frames are made 8-bit
+    RGB; alpha is dropped: a gif's transparent pixels carry their colour)."""
     import imageio.v2 as imageio
     try:
-        frames = imageio.mimread(path)
-    except (OSError, ValueError) as e:
-        fail(f"cannot read video {path} ({e})")
-    x = torch.from_numpy(np.stack(frames).astype(np.float32))[..., :3]      # [F, H, W, 3] (gif: RGBA)
+        frames = [np.asarray(f) for f in imageio.mimread(path)]
+    except Exception as e:  # noqa: BLE001 - imageio raises many kinds for unreadable files
+        fail(f"cannot read video {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not frames or len({f.shape for f in frames}) != 1:
+        fail(f"cannot read video {path} (no frames, or frames of different sizes)")
+    x = np.stack(frames).astype(np.float32)
+    if frames[0].dtype == np.uint16:
+        x *= 255 / 65535
+    if x.ndim == 3:                                                          # grey [F, H, W]
+        x = x[..., None]
+    if x.shape[-1] < 3:                                                      # grey (and alpha) -> RGB
+        x = np.repeat(x[..., :1], 3, axis=-1)
+    x = torch.from_numpy(x)[..., :3]                                         # [F, H, W, 3] (gif: RGBA)
     if x.shape[1:3] != (size, size):
         fail(f"video {path} is {x.shape[2]}x{x.shape[1]}, the model makes {size}x{size} frames")
     return x.permute(3, 0, 1, 2)[None] / 127.5 - 1                          # [1, 3, F, H, W]
@@ -183,75 +249,175 @@ def read_video(path, size):
 # -----------------------------------------------------------------------------
 # Command line
 
-def parse(argv):
-    opts = dict(ckpt="", prompt="", prompts="", out="", seed="0", image="", video="", frames="",
-                steps="", steps_later="", guidance="", video_guidance="", format="gif", device="cpu",
-                renoise="true")
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or not eq or key not in opts:
-            fail(f"unexpected argument {arg!r}; options: " + " ".join(f"--{k}=" for k in opts))
-        opts[key] = value
-    return opts
+OPTIONS = dict(  # --key=value or --key value: (default, meaning)
+    ckpt=("", "a checkpoint of train.py's video presets, e.g. out/tiny/ckpt.pt (required)"),
+    prompt=("", "one caption; the video goes to --out"),
+    prompts=("", "a UTF-8 file of captions, one a line; one video each into the folder --out"),
+    out=("", "a .gif or .mp4 file with --prompt; a folder with --prompts (default samples)"),
+    format=("gif", "gif | mp4: the files written with --prompts"),
+    seed=("0", "seed of the sampling noise, in [0, 2**63)"),
+    image=("", "image-to-video: an image for the first frame (transparency composited on black)"),
+    video=("", "continuation: a clip (gif or mp4) whose frames come first"),
+    frames=("", "pixel frames to make (default: the run's)"),
+    steps=("", "Euler steps per stage for the first frame, lowest resolution first (default 20 each)"),
+    steps_later=("", "Euler steps per stage for later frames (default 10 each)"),
+    guidance=("", "CFG scale of the first frame (default: the run's)"),
+    video_guidance=("", "CFG scale of later frames (default: the run's)"),
+    renoise=("true", "corrective renoising at the jumps (Eq. 15); false: the App. C.2 ablation"),
+    device=("cpu", "cpu | cuda | cuda:N | mps"),
+)
+
+
+def key_values(argv, usage):
+    """[(key, value)] from --key=value and --key value alike, dashes in keys read as underscores
+    (train.py reads its settings with this too). A value may not start with -- (a forgotten one)."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            fail(f"unexpected argument {arg!r}; use --key=value ({usage})")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # --key value
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                fail(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+            value, i = argv[i + 1], i + 1
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def wants_help(argv):
+    return "-h" in argv or "--help" in argv
+
+
+def boolean(key, value):
+    """true/false, yes/no, on/off, 1/0 (any case); anything else is refused, never read as true."""
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    fail(f"--{key} expects true or false, got {value!r}")
+
+
+def check_device(key, name):
+    """A device that exists on this machine (cpu, cuda, cuda:N, mps), else one line saying why not."""
+    kind, colon, index = name.partition(":")
+    if kind == "cuda" and (not colon or index.isdigit()):
+        if not torch.cuda.is_available():
+            fail(f"--{key}={name}: torch sees no CUDA device on this machine")
+        if colon and int(index) >= torch.cuda.device_count():
+            fail(f"--{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    elif name == "mps":
+        if not torch.backends.mps.is_available():
+            fail(f"--{key}=mps: torch sees no Apple GPU (mps) on this machine")
+    elif name != "cpu":
+        fail(f"--{key}={name!r} is not a device; use cpu, cuda, cuda:N or mps")
+
+
+def check_writable_dir(key, path):
+    """`path` is, or can be made, a folder this process may write in: its nearest existing
+    ancestor is a writable folder, not a file."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        fail(f"--{key}={path} cannot be a folder: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"--{key}={path}: cannot write in {probe} (permission denied)")
 
 
 def number(opts, key, typ, default):
     if not opts[key]:
         return default
     try:
-        return typ(opts[key])
+        value = typ(opts[key])
     except ValueError:
         fail(f"--{key} expects {typ.__name__}, got {opts[key]!r}")
+    if typ is float and not math.isfinite(value):
+        fail(f"--{key} must be a finite number, got {opts[key]!r}")
+    return value
 
 
-def main(argv):
-    o = parse(argv)
+def parse(argv):
+    """The options as strings (--help prints them and exits)."""
+    if wants_help(argv):
+        print(__doc__.strip() + "\n\noptions (--key=value or --key value):")
+        for key, (default, meaning) in OPTIONS.items():
+            print(f"  --{key:<15} {meaning}" + (f" [{default}]" if default else ""))
+        raise SystemExit(0)
+    opts = {key: default for key, (default, _) in OPTIONS.items()}
+    for key, value in key_values(argv, "python sample.py --help lists the options"):
+        if key not in opts:
+            fail(f"unknown option --{key}; python sample.py --help lists the options")
+        opts[key] = value
+    return opts
+
+
+def validate(o):
+    """Typed and checked options, plus the captions and the output paths: everything that does
+    not need the checkpoint is refused here, in one line, before any work."""
     if not o["ckpt"]:
         fail("--ckpt=PATH is required (e.g. out/tiny/ckpt.pt from python train.py)")
     if bool(o["prompt"]) == bool(o["prompts"]):
         fail("give exactly one of --prompt=TEXT and --prompts=FILE")
+    if o["image"] and o["video"]:
+        fail("give at most one of --image and --video")
+    if o["format"] not in ("gif", "mp4"):
+        fail(f"--format must be gif or mp4, got {o['format']!r}")
+    check_device("device", o["device"])
+    v = dict(o, seed=number(o, "seed", int, 0), frames=number(o, "frames", int, None),
+             guidance=number(o, "guidance", float, None), video_guidance=number(o, "video_guidance", float, None),
+             renoise=boolean("renoise", o["renoise"]))
+    if not 0 <= v["seed"] < 2 ** 63:  # torch.Generator.manual_seed's range
+        fail(f"--seed must be in [0, 2**63), got {v['seed']}")
+    if v["frames"] is not None and v["frames"] < 1:
+        fail(f"--frames must be at least 1, got {v['frames']}")
+    for key in ("steps", "steps_later"):  # their number is checked against the run's K once it is loaded
+        if o[key] and not all(s.strip().isdigit() and int(s) > 0 for s in o[key].split(",")):
+            fail(f"--{key} needs positive integers separated by commas (lowest resolution first), got {o[key]!r}")
     if o["prompts"]:
         if not os.path.isfile(o["prompts"]):
             fail(f"no prompt file at {o['prompts']}")
-        with open(o["prompts"]) as f:
-            captions = [line.strip() for line in f if line.strip()]
+        try:
+            with open(o["prompts"], encoding="utf-8-sig") as f:
+                captions = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            fail(f"prompt file {o['prompts']} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})")
         if not captions:
             fail(f"prompt file {o['prompts']} has no prompts")
-        if o["format"] not in ("gif", "mp4"):
-            fail(f"--format must be gif or mp4, got {o['format']!r}")
-        out_dir = o["out"] or "samples"
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError:
-            pass  # reported on the next line, in one sentence
-        if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-            fail(f"cannot write to directory {out_dir}")
-        outs = [os.path.join(out_dir, f"{i:03d}_{c[:60].replace(' ', '_').replace('/', '_')}.{o['format']}")
-                for i, c in enumerate(captions)]
+        v["out"] = o["out"] or "samples"
+        check_writable_dir("out", v["out"])
+        names = [re.sub(r"[^\w-]+", "_", c[:60]) for c in captions]  # no path separators or odd bytes
+        outs = [os.path.join(v["out"], f"{i:03d}_{name}.{o['format']}") for i, name in enumerate(names)]
     else:
         captions = [o["prompt"]]
         if not o["out"] or os.path.splitext(o["out"])[1].lower() not in (".gif", ".mp4"):
             fail("--out=FILE ending in .gif or .mp4 is required with --prompt")
+        if os.path.isdir(o["out"]):
+            fail(f"--out={o['out']} is a folder; give a file name ending in .gif or .mp4")
         d = os.path.dirname(os.path.abspath(o["out"]))
         if not os.path.isdir(d) or not os.access(d, os.W_OK):
             fail(f"cannot write {o['out']}: directory {d} does not exist or is not writable")
         outs = [o["out"]]
-    if o["image"] and o["video"]:
-        fail("give at most one of --image and --video")
+    return dict(v, captions=captions, outs=outs)
+
+
+def main(argv):
+    o = validate(parse(argv))
     net, cfg, vae = load(o["ckpt"], o["device"])
-    frames = number(o, "frames", int, cfg["frames"])
-    if frames < 1:
-        fail(f"--frames must be at least 1, got {frames}")
+    captions, outs = o["captions"], o["outs"]
+    frames = o["frames"] or cfg["frames"]
     K = cfg["K"]
 
     def stage_list(key):
         if not o[key]:  # the release's defaults (DESIGN): 20 per stage for the first frame, 10 later
             return [FIRST_FRAME_STEPS if key == "steps" else LATER_FRAME_STEPS] * K
         vals = o[key].split(",")
-        if len(vals) != K or not all(v.strip().isdigit() and int(v) > 0 for v in vals):
+        if len(vals) != K:
             fail(f"--{key} needs {K} positive integers (lowest resolution first), got {o[key]!r}")
         return [int(v) for v in vals][::-1]
+    steps, steps_later = stage_list("steps"), stage_list("steps_later")
+    latent_frames(frames, vae)
     prefix = None
     if o["image"]:
         prefix = read_image(o["image"], cfg["size"]).expand(len(captions), -1, -1, -1, -1)
@@ -262,11 +428,11 @@ def main(argv):
         if prefix.shape[2] >= frames:
             fail(f"the video has {prefix.shape[2]} frames; ask for more with --frames (now {frames})")
         prefix = prefix.expand(len(captions), -1, -1, -1, -1)
-    videos = generate(net, captions, cfg, frames, vae=vae, seed=number(o, "seed", int, 0), prefix=prefix,
-                      steps=stage_list("steps"), steps_later=stage_list("steps_later"),
-                      guidance=number(o, "guidance", float, None),
-                      video_guidance=number(o, "video_guidance", float, None),
-                      renoise=o["renoise"].lower() not in ("0", "false", "no"), device=o["device"])
+    videos = generate(net, captions, cfg, frames, vae=vae, seed=o["seed"], prefix=prefix, steps=steps,
+                      steps_later=steps_later, guidance=o["guidance"], video_guidance=o["video_guidance"],
+                      renoise=o["renoise"], device=o["device"])
+    if o["prompts"]:
+        os.makedirs(o["out"], exist_ok=True)  # now, not before: a refused run leaves no empty folder
     for path, v in zip(outs, videos):
         write_video(path, v)
         print(f"wrote {path}")
