@@ -4,6 +4,7 @@ The one training loop of the project, from a 2-D toy on a laptop to the paper's 
     python train.py                                   # the default preset (tiny), laptop CPU
     python train.py --preset=toy2d                    # App. C.4: the 2-D toy (toy/coupling.py compares)
     python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
+    python train.py --help                            # every setting, its default and meaning
     torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
 
@@ -583,7 +584,8 @@ def data_source(name):
 
 def load_vae(path):
     """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
-    ck = sample.read_checkpoint(path, "causal-vae", "VAE checkpoint", "; train one with python train.py --preset=vae-toy")
+    hint = "; train one with python train.py --preset=vae-toy"
+    ck = sample.read_checkpoint(path, "causal-vae", "VAE checkpoint", hint)
     try:
         model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -770,7 +772,8 @@ class Interrupts:
 
     def message(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal to another process"
-        return f"interrupted by {name} after step {step}: wrote {ckpt_path}; continue with the same command and --resume=true"
+        return (f"interrupted by {name} after step {step}: wrote {ckpt_path}; "
+                f"continue with the same command and --resume=true")
 
 
 @contextlib.contextmanager

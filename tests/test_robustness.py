@@ -380,6 +380,15 @@ def test_sigterm_in_the_vae_phase_resumes_it_then_trains_the_video_model(tmp_pat
     assert torch.load(out / "vae" / "ckpt.pt", weights_only=True)["history"] == full
 
 
+def test_ctrl_c_outside_the_steps_is_one_line(tmp_path, monkeypatch):
+    def stopped(cfg, quiet=False):
+        raise KeyboardInterrupt  # e.g. while the data set is made or the report samples
+    monkeypatch.setattr(train, "train", stopped)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset=toy2d", f"--out_dir={tmp_path}"])
+    assert e.value.code.startswith("interrupted") and "--resume=true" in e.value.code and "\n" not in e.value.code
+
+
 # ---------------------------------------------------------------- sample.py: options, before any work
 
 def sample_args(tmp_path, *extra, out="o.gif"):
