@@ -299,13 +299,19 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+def check_config(cfg: DiTConfig):
+    """ValueError unless the width splits into heads of even size (RoPE rotates pairs) and quarters
+    (the 2-D sin-cos embedding); train.py checks a run's settings with it before any work."""
+    if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
+        raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
+    if cfg.history_time not in ("clean", "current"):
+        raise ValueError(f"history_time must be clean or current, got {cfg.history_time!r}")
+
+
 class MMDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
-            raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
-        if cfg.history_time not in ("clean", "current"):
-            raise ValueError(f"history_time must be clean or current, got {cfg.history_time!r}")
+        check_config(cfg)
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
         self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)            # patchify is a rearrange + linear

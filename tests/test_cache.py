@@ -155,8 +155,8 @@ def test_a_run_trains_and_samples_with_history_at_the_current_time(tmp_path):
     a = sample.generate(net, ["a red circle moving left"], run, 3, cache=True, **kw)
     b = sample.generate(net, ["a red circle moving left"], run, 3, cache=False, **kw)
     assert torch.equal(a, b)
-    with pytest.raises(SystemExit, match="--history_time must be clean or current"):
-        train.Video(dataclasses.replace(cfg, history_time="noisy"))
+    with pytest.raises(SystemExit, match="--history_time must be one of clean, current"):
+        train.validate(dataclasses.replace(cfg, history_time="noisy", overwrite=True))
 
 
 def test_generate_cache_flag_gives_the_same_video():

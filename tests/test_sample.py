@@ -105,7 +105,7 @@ def foreign_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("make_args,msg", [
-    (lambda c, t: [f"--ckpt={t / 'missing.pt'}", "--prompt=x", f"--out={t / 'o.gif'}"], "no checkpoint at"),
+    (lambda c, t: [f"--ckpt={t / 'missing.pt'}", "--prompt=x", f"--out={t / 'o.gif'}"], "no video checkpoint at"),
     (lambda c, t: [f"--ckpt={foreign_checkpoint(t)}", "--prompt=x", f"--out={t / 'o.gif'}"], "not a video checkpoint"),
     (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'no_dir' / 'o.gif'}"], "cannot write"),
     (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.avi'}"], "ending in .gif or .mp4"),
@@ -113,7 +113,7 @@ def foreign_checkpoint(tmp_path):
     (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--steps=1,1"], "needs 3 positive"),
     (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--seed=abc"], "--seed expects int"),
     (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--image=nope.png"], "cannot read image"),
-    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--bogus=1"], "unexpected argument"),
+    (lambda c, t: [f"--ckpt={c}", "--prompt=x", f"--out={t / 'o.gif'}", "--bogus=1"], "unknown option --bogus"),
 ])
 def test_bad_input_one_line_error_and_no_output(ckpt, tmp_path, make_args, msg):
     (tmp_path / "empty.txt").write_text("\n \n")

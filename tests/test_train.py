@@ -71,12 +71,12 @@ def test_bad_video_settings(tmp_path):
     with pytest.raises(SystemExit, match="stage_ratio"):
         train.Video(cfg_for("tiny", tmp_path, stage_ratio="1,2,3"))
     with pytest.raises(SystemExit, match="--data_pool=-1 must be >= 0"):
-        train.Video(cfg_for("tiny", tmp_path, data_pool=-1))
+        train.validate(cfg_for("tiny", tmp_path, data_pool=-1))
     with pytest.raises(SystemExit, match="--history_noise=1.5 must be in \\[0, 1\\]"):
-        train.Video(cfg_for("tiny", tmp_path, history_noise=1.5))
-    with pytest.raises(SystemExit, match="--prediction must be v or x"):
-        train.Video(cfg_for("tiny", tmp_path, prediction="eps"))
-    with pytest.raises(SystemExit, match="--lr_decay must be none or cosine"):
+        train.validate(cfg_for("tiny", tmp_path, history_noise=1.5))
+    with pytest.raises(SystemExit, match="--prediction must be one of v, x"):
+        train.validate(cfg_for("tiny", tmp_path, prediction="eps"))
+    with pytest.raises(SystemExit, match="--lr_decay must be one of none, cosine"):
         train.train(cfg_for("toy2d", tmp_path, lr_decay="linear"), quiet=True)
 
 

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyramid_flow as pf  # noqa: E402
+import sample  # noqa: E402
 import train  # noqa: E402
 
 N_TRAJ = 128          # trajectories per model
@@ -103,7 +104,7 @@ def draw(panels, path, size=360):
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill="black")
     d.text((8, size + 22), "stage colours: red = k0 (last), green = k1, blue = k2 (first); black = data points",
            fill="black")
-    img.save(path)
+    sample.atomic_write(path, img.save)
 
 
 def compare(base="out/toy2d"):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sample import atomic_write  # sample.py imports only the ground floor: no cycle
 from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
@@ -329,20 +330,22 @@ def train_digit_classifier(steps=1200, batch_size=64, lr=2e-3, generator=None, l
 
 def load_or_train_digit_classifier(cache_path, steps=1200, log=print):
     """Load the classifier cached at cache_path, or train one, report its held-out accuracy and
-    cache it there (written to a temporary file, then renamed, so a crash leaves no half file)."""
+    cache it there (sample.atomic_write: a crash or a full disk leaves no half file)."""
     if os.path.exists(cache_path):
-        state = torch.load(cache_path, map_location="cpu", weights_only=True)
-        model = DigitClassifier()
-        model.load_state_dict(state["model"])
-        return model.eval()
+        try:
+            state = torch.load(cache_path, map_location="cpu", weights_only=True)
+            model = DigitClassifier()
+            model.load_state_dict(state["model"])
+            return model.eval()
+        except Exception as e:  # noqa: BLE001 - a damaged cache is remade, whatever the damage
+            print(f"note: the digit classifier cache {cache_path} is unreadable ({type(e).__name__}); training anew")
     model = train_digit_classifier(steps=steps, log=log)
     accuracy = digit_accuracy(model)
     if log:
         log(f"digit classifier held-out accuracy {accuracy:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = cache_path + ".tmp"
-    torch.save(dict(model=model.state_dict(), steps=steps, accuracy=accuracy), tmp)
-    os.replace(tmp, cache_path)
+    state = dict(model=model.state_dict(), steps=steps, accuracy=accuracy)
+    atomic_write(cache_path, lambda tmp: torch.save(state, tmp))
     return model
 
 
