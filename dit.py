@@ -397,27 +397,61 @@ class ToyTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- text + DiT
+def is_text_features(captions) -> bool:
+    """Precomputed text features (a (text, mask, pooled) tuple of tensors or a dict) rather than captions."""
+    return isinstance(captions, dict) or (isinstance(captions, tuple) and torch.is_tensor(captions[0]))
+
+
+def join_text(*features):
+    """Batches of text features (text [B_i, L_i, D], mask [B_i, L_i], pooled [B_i, P]) -> one batch,
+    each text padded with zero tokens that the mask marks as padding to the longest L."""
+    L = max(text.shape[1] for text, _, _ in features)
+    text = torch.cat([F.pad(t, (0, 0, 0, L - t.shape[1])) for t, _, _ in features])           # [B, L, D]
+    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for _, m, _ in features])  # [B, L]
+    return text, mask, torch.cat([p for _, _, p in features])
+
+
 class TextToVideo(nn.Module):
     """The trainable pair of the toy presets: captions -> ToyTextEncoder -> MMDiT.
 
     forward(frames, captions, t) is the velocity of the current frame; `guided` adds
     classifier-free guidance, v = v_u + w (v_c - v_u), with the empty caption as the null text
     (the presets drop 10% of captions to "" in training), both halves in one batched call.
+    With toy_text=False (the full recipe) the model has no text encoder of its own: captions come
+    as precomputed features (text, mask, pooled) of a frozen encoder, extracted once before
+    training; sample.py sets that frozen encoder as .text_encoder to encode new captions.
     """
 
-    def __init__(self, cfg: DiTConfig, vocab_size: int = 1024, max_len: int = 32):
+    def __init__(self, cfg: DiTConfig, vocab_size: int = 1024, max_len: int = 32, toy_text: bool = True):
         super().__init__()
-        self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len)
+        self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len) if toy_text else None
         self.dit = MMDiT(cfg)
 
+    def encode_text(self, captions):
+        """Captions (a list of strings) or text features -> (text, mask, pooled)."""
+        if isinstance(captions, dict):
+            return captions["text"], captions["text_mask"], captions["pooled"]
+        if is_text_features(captions):
+            return captions
+        if self.text_encoder is None:
+            raise ValueError("this model has no text encoder: pass text features (text, mask, pooled)")
+        return self.text_encoder(captions)
+
     def forward(self, frames, captions, t, all_frames: bool = False, grid=None):
-        text, mask, pooled = self.text_encoder(captions)
+        text, mask, pooled = self.encode_text(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None):
+        """null: the null caption's features [1, ...] (the unconditional half) when captions are features."""
         if guidance == 1.0:
             return self(frames, captions, t, grid=grid)
-        B = len(captions)
+        B = frames[-1].shape[0]
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
-        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid).chunk(2)
+        if is_text_features(captions):
+            if null is None:
+                raise ValueError("guidance on text features needs null=, the null caption's features")
+            both_text = join_text(self.encode_text(captions), tuple(x.expand(B, *x.shape[1:]) for x in null))
+        else:
+            both_text = list(captions) + [""] * B
+        v_c, v_u = self(both, both_text, torch.cat([t, t]), grid=grid).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG
