@@ -570,6 +570,8 @@ class FeatureVideo:
             raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
         if not 0 <= cfg.history_noise <= 1:
             raise SystemExit(f"error: --history_noise={cfg.history_noise} must be in [0, 1]")
+        if cfg.vae_size not in vae.VAE_SIZES:
+            raise SystemExit(f"error: unknown --vae_size={cfg.vae_size!r}; choose from {', '.join(vae.VAE_SIZES)}")
         vae_cfg = vae.VAE_SIZES[cfg.vae_size]  # the latents' compression (the VAE itself is not needed)
         if (cfg.frames - 1) % vae_cfg.temporal_factor:
             raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {vae_cfg.temporal_factor}*k")
@@ -581,8 +583,7 @@ class FeatureVideo:
             raise SystemExit(f"error: {phase_data(cfg)} has no video clips (only images); "
                              f"train on images with --image_ratio=1")
         self.null = self.data.null_text()                                     # the null caption's features
-        probe = self.data.batch([next(iter(self.buckets.values()))[0]])    # one clip: latent and text shapes
-        C, h, w = probe["latents"].shape[1], *probe["latents"].shape[-2:]
+        h, w = self.data.latent_size
         height, width = latent_size(cfg)
         if (h, w) != (height, width):
             raise SystemExit(f"error: the latents of {phase_data(cfg)} are {h}x{w}; this run trains at "
@@ -592,8 +593,8 @@ class FeatureVideo:
             pf.stage_shape((h, w), K - 1)
         except ValueError as e:
             raise SystemExit(f"error: --size={cfg.size}: {e}") from None
-        self.dit_cfg = dit_config(cfg, in_channels=C, text_dim=probe["text"].shape[-1],
-                                  pooled_dim=probe["pooled"].shape[-1])
+        self.dit_cfg = dit_config(cfg, in_channels=self.data.latent_channels, text_dim=self.data.text_dim,
+                                  pooled_dim=self.data.pooled_dim)
         self.vae = None
 
     def model(self):
@@ -709,14 +710,7 @@ def data_source(name):
 
 def load_vae(path):
     """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no VAE checkpoint at {path}; train one with python train.py --preset=vae-toy")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("kind") != "causal-vae":
-        raise SystemExit(f"error: {path} is not a VAE checkpoint (expected vae.pt from --preset=vae-toy)")
-    model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
-    model.load_state_dict(ck["model"])
-    return model.eval().requires_grad_(False)
+    return sample.load_vae(path)
 
 
 TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": video_task}
@@ -1130,9 +1124,8 @@ def extract(cfg):
     entries = video_data.load_entries(cfg.data)
     vae_model = load_vae(cfg.vae_ckpt).to(device)
     encoder = dit.load_text_encoder(cfg.text_encoder).to(device)
-    with autocast(device):
-        video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size,
-                           cfg.frames, rank=rank, world=world, progress=rank == 0)
+    video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size, cfg.frames,
+                       rank=rank, world=world, progress=rank == 0)
     if ddp:
         torch.distributed.barrier()  # every shard is written
     if rank == 0:
