@@ -834,12 +834,15 @@ def accumulation(cfg, world):
     return cfg.global_batch // per_step
 
 
-def shard(model, ema, ddp):
+def shard(model, ema, cfg, ddp):
     """FSDP2 (torch's fully_shard): every MM-DiT block, then the whole module, keeps 1/world of its
     weights, gradients and AdamW states; a block's weights are gathered only while it runs. The EMA
     is sharded the same way, so its update stays a per-shard lerp."""
     if not ddp:
         raise SystemExit("error: --fsdp=true shards over the processes of torchrun; launch with torchrun")
+    if cfg.task != "video" or cfg.eval_captions:  # the end-of-run report would run the model on rank 0 alone
+        raise SystemExit("error: --fsdp=true is for the video model without an end-of-run report "
+                         "(--eval_captions=0; sample.py samples from the checkpoint)")
     from torch.distributed.fsdp import fully_shard
     for module in (model, ema):
         for block in module.modules():
@@ -928,7 +931,7 @@ def train(cfg, quiet=False):
     model = task.model().to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     if cfg.fsdp:
-        shard(model, ema, ddp)
+        shard(model, ema, cfg, ddp)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
