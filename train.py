@@ -943,7 +943,8 @@ def train(cfg, quiet=False):
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))
     step, loss_mean, history = 0, None, []
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         if ck["config"].get("fsdp", False) != cfg.fsdp:
             raise SystemExit(f"error: {ckpt_path} was written with --fsdp={ck['config'].get('fsdp', False)}; "
                              f"resume with the same setting")
@@ -1066,7 +1067,7 @@ def dry_run(cfg):
     whether a run fits: parameters, tokens per sample, the batch arithmetic, memory per GPU."""
     world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
     gpus = f"{world} GPU{'s' if world > 1 else ''}"
-    features = cfg.preset in PHASES  # trained on extracted features: no toy text encoder, 16-channel latents
+    features = cfg.preset in PHASES or cfg.data.endswith(".jsonl")  # no toy text encoder; VAE latents
     latent = features or cfg.vae_ckpt or cfg.vae_steps
     with torch.device("meta"):
         if cfg.task == "video":
