@@ -1100,14 +1100,14 @@ def dry_run(cfg):
     print(f"memory per GPU (an estimate): DDP {states + acts:.1f} GB = {states:.1f} GB weights, gradients, AdamW "
           f"and EMA in fp32 + ~{acts:.1f} GB activations; FSDP over {gpus} {states / world + acts:.1f} GB "
           f"= {states / world:.1f} + ~{acts:.1f} GB")
-    how = (f"{BLOCK_INPUT_BYTES} x {depth} blocks' inputs kept (grad checkpointing) + {BLOCK_BYTES} in the block "
+    how = (f"{BLOCK_INPUT_BYTES} x {depth} blocks' inputs kept by grad checkpointing + {BLOCK_BYTES} in the block "
            f"being recomputed" if cfg.grad_checkpointing else f"{BLOCK_BYTES} x {depth} blocks")
     print(f"  activations: {cfg.batch_size} x {tokens:,} tokens (text included) x width {width} x bytes per "
           f"value ({how}), rough; bf16 weight copies under autocast add up to {n * 2 / 1e9:.1f} GB")
 
 
 STATE_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weight, gradient, AdamW's two moments, EMA
-BLOCK_INPUT_BYTES = 2  # a block's input, one bf16 value per token and channel
+BLOCK_INPUT_BYTES = 4  # a block's input: the residual stream stays fp32 under autocast
 BLOCK_BYTES = 40  # bf16 values per token and channel inside a block (qkv, q/k norms, attention, MLP 4x, modulation)
 T5_TOKENS = 128  # text tokens of a caption (T5, padded)
 
