@@ -97,6 +97,13 @@ def test_dry_run_of_every_phase_on_the_meta_device(capsys):
     assert "memory per GPU (an estimate): DDP 43.8 GB" in phase3 and "FSDP over 8 GPUs 8.3 GB" in phase3
 
 
+def test_dry_run_of_the_laptop_presets(capsys):
+    for preset in ("tiny", "toy2d", "vae-toy"):
+        train.main([f"--preset={preset}", "--dry_run=true"])
+        out = capsys.readouterr().out
+        assert f"preset {preset}:" in out and "params: " in out and "memory per GPU (an estimate)" in out
+
+
 def test_phase_configs_equal_table_4():
     table4 = {1: dict(global_batch=1536, lr=1e-4, beta2=0.999, max_steps=50_000, size=384, frame_width=640,
                       frames=1, image_ratio=1.0),
@@ -166,6 +173,16 @@ def test_a_phase_trains_on_features_and_resumes_exactly(tmp_path, extracted):
     batch = train.FeatureVideo(train.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
     groups = batch.batch(train.step_generator(batch.cfg, 0, 0, 0), "cpu")["groups"]
     assert [(g["stage"], g["x_t"].shape[0]) for g in groups] == [(2, 1), (1, 2), (0, 1)]  # 1:2:1
+    one = train.FeatureVideo(dataclasses.replace(batch.cfg, batch_size=1))  # a micro-batch of one clip
+    drawn = [one.stages(train.step_generator(one.cfg, 0, s, 0)) for s in range(400)]
+    assert all(len(d) == 1 and d[0][1] == 1 for d in drawn)
+    counts = [sum(d[0][0] == k for d in drawn) for k in (2, 1, 0)]
+    assert 70 < counts[0] < 130 and 160 < counts[1] < 240 and 70 < counts[2] < 130  # 1:2:1 over micro-steps
+    for bad, msg in ((dict(data=""), "pass --data=PATH/extracted.jsonl"),
+                     (dict(size=128), "latents of .* are 8x16; this run trains at 128x128"),
+                     (dict(fsdp=True, out_dir=str(tmp_path / "c")), "launch with torchrun")):
+        with pytest.raises(SystemExit, match=msg):
+            train.train(dataclasses.replace(batch.cfg, **bad), quiet=True)
 
 
 def test_phases_run_in_order_each_from_the_last_and_finished_ones_are_skipped(tmp_path, extracted, capsys):
