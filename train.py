@@ -1124,10 +1124,13 @@ def extract(cfg):
                          "t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR)")
     if cfg.preset in PHASES and not cfg.phase:
         raise SystemExit(f"error: each phase of {cfg.preset} has its resolution and clip length: pass --phase=N")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ddp, rank, world, device = setup_distributed(cfg)
     entries = video_data.load_entries(cfg.data)
     vae_model = load_vae(cfg.vae_ckpt).to(device)
-    encoder = dit.load_text_encoder(cfg.text_encoder).to(device)
+    encoder = dit.load_text_encoder(cfg.text_encoder, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    encoder = encoder.to(device)  # T5-XXL is 4.7B parameters: bf16 on a GPU, as the features are stored
     video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size, cfg.frames,
                        rank=rank, world=world, progress=rank == 0)
     if ddp:
