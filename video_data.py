@@ -13,10 +13,11 @@ DiT only. This file reads and writes the release's format:
 - text feature file: torch.save of dict(prompt_embed [1, L, D], prompt_attention_mask [1, L],
   pooled_prompt_embed [1, P]).
 
-read_clip turns one entry into pixels (decoded by PyAV, or imageio-ffmpeg); extract (train.py --task=extract) writes the features,
-sharded over ranks and resumable; FeatureDataset serves batches of them, bucketed by latent
-length. Every tensor file is read with torch.load(weights_only=True) (or safetensors): a file from
-elsewhere can hold tensors, never code.
+read_clip turns one entry into pixels (decoded by PyAV, or imageio-ffmpeg); extract (train.py
+--task=extract) writes the features, sharded over ranks and resumable, and an annotation file
+pointing at them (with one key of ours, "latent_frames", so that loading it reads no tensor);
+FeatureDataset serves batches of them, bucketed by latent length. Every tensor file is read with
+torch.load(weights_only=True) (or safetensors): a file from elsewhere can hold tensors, never code.
 
 Tensor legend: one clip [3, F, H, W] (pixels in [-1, 1], F pixel frames); latents [B, C, T, h, w];
 tokens [B, L, D].
@@ -35,7 +36,6 @@ from tqdm import tqdm
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MEDIA_KEYS = ("video", "image")
 PATH_KEYS = ("video", "image", "latent", "text_fea")   # resolved against the annotation file's folder
 MAX_BAD_FRACTION = 0.5   # more bad entries than this: the data, not a few files, is broken; stop
 STORE_DTYPE = torch.bfloat16   # extracted tensors on disk: half of float32, the precision bf16 training uses
@@ -301,6 +301,9 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
             if leftover.name.endswith(f".rank{rank}.tmp"):
                 os.remove(leftover.path)
     share = entries[rank::world]
+    unusable = next((e for e in share if "text" not in e or not media_path(e)), None)
+    if unusable is not None:
+        raise SystemExit(f'error: extraction needs {{"video" or "image": path, "text": caption}}, got {unusable}')
     missing = sum(not os.path.isfile(media_path(e) or "") for e in share)
     if missing:
         warn(f"rank {rank}: {missing} of {len(share)} videos/images do not exist")
@@ -363,11 +366,14 @@ def merge_shards(out_dir, world):
 class FeatureDataset:
     """Extracted latents and text features (an annotation file whose entries have "latent" and
     "text_fea"), bucketed by latent length: a batch draws from one bucket, so its clips stack
-    without padding (the release buckets by temporal length too)."""
+    without padding (the release buckets by temporal length too). max_latent_frames: longer clips
+    are cut to their first latent frames, which the causal VAE computed from their first pixel
+    frames only: the same latents a shorter extraction would give. Also a map-style dataset:
+    dataset[i] and FeatureDataset.collate suit a torch DataLoader with a per-bucket batch_sampler."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_latent_frames: int | None = None):
         entries = load_entries(path)
-        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+        self.path, self.root, self.max_latent_frames = path, os.path.dirname(os.path.abspath(path)), max_latent_frames
         self.entries = [e for e in entries
                         if os.path.isfile(e.get("latent", "")) and os.path.isfile(e.get("text_fea", ""))]
         bad = len(entries) - len(self.entries)
@@ -379,11 +385,10 @@ class FeatureDataset:
         self.buckets = {}
         for i, e in enumerate(self.entries):
             T = e.get("latent_frames") or self._latent(i, mmap=True).shape[1]  # release files: header only
-            self.buckets.setdefault(int(T), []).append(i)
-        latent = self._latent(0)
-        tokens, _, pooled = self._text(0)
-        self.latent_channels, self.latent_size = latent.shape[0], tuple(latent.shape[2:])
-        self.text_dim, self.pooled_dim = tokens.shape[1], pooled.shape[0]
+            self.buckets.setdefault(min(int(T), max_latent_frames or int(T)), []).append(i)
+        first = self[0]
+        self.latent_channels, self.latent_size = first["latent"].shape[0], tuple(first["latent"].shape[2:])
+        self.text_dim, self.pooled_dim = first["text"].shape[1], first["pooled"].shape[0]
 
     def __len__(self):
         return len(self.entries)
@@ -392,25 +397,31 @@ class FeatureDataset:
         path = self.entries[i]["latent"]
         return _latent(load_tensors(path, mmap), path)                         # [C, T, h, w]
 
-    def _text(self, i):
+    def __getitem__(self, i):
+        """dict(latent [C, T, h, w], text [L, D], text_mask [L] bool, pooled [P]), float32."""
         path = self.entries[i]["text_fea"]
-        return _text_features(load_tensors(path), path)
+        tokens, mask, pooled = _text_features(load_tensors(path), path)
+        latent = self._latent(i)[:, :self.max_latent_frames]
+        return dict(latent=latent.float(), text=tokens.float(), text_mask=mask, pooled=pooled.float())
+
+    @staticmethod
+    def collate(items):
+        """Samples of one bucket -> dict(latents [B, C, T, h, w], text [B, L, D], text_mask [B, L]
+        bool, pooled [B, P]); text padded with zeros to the longest caption, mask False there."""
+        shapes = {tuple(x["latent"].shape) for x in items}
+        if len(shapes) > 1:
+            raise ValueError(f"latent shapes differ in one batch: {sorted(shapes)}; draw a batch from one bucket")
+        L, D = max(len(x["text"]) for x in items), items[0]["text"].shape[1]
+        text = torch.zeros(len(items), L, D)
+        mask = torch.zeros(len(items), L, dtype=torch.bool)
+        for j, x in enumerate(items):
+            text[j, :len(x["text"])], mask[j, :len(x["text"])] = x["text"], x["text_mask"]
+        return dict(latents=torch.stack([x["latent"] for x in items]), text=text, text_mask=mask,
+                    pooled=torch.stack([x["pooled"] for x in items]))
 
     def batch(self, indices):
-        """Entries of one bucket -> dict(latents [B, C, T, h, w], text [B, L, D], text_mask [B, L]
-        bool, pooled [B, P]), float32; text padded to the batch's longest caption (mask False)."""
-        latents = [self._latent(i) for i in indices]
-        if len({x.shape for x in latents}) > 1:
-            raise ValueError(f"latent shapes differ in one batch: {sorted({tuple(x.shape) for x in latents})}; "
-                             "draw a batch's indices from one bucket")
-        feats = [self._text(i) for i in indices]
-        L, D = max(t.shape[0] for t, _, _ in feats), feats[0][0].shape[1]
-        text = torch.zeros(len(indices), L, D)
-        mask = torch.zeros(len(indices), L, dtype=torch.bool)
-        for j, (tokens, m, _) in enumerate(feats):
-            text[j, :len(tokens)], mask[j, :len(m)] = tokens.float(), m
-        return dict(latents=torch.stack(latents).float(), text=text, text_mask=mask,
-                    pooled=torch.stack([p for _, _, p in feats]).float())
+        """Entries of one bucket -> collate()'s dict."""
+        return self.collate([self[i] for i in indices])
 
     def draw(self, batch_size, generator, latent_frames=None):
         """A random batch from the bucket of `latent_frames` latent frames, or from a bucket drawn

@@ -331,3 +331,20 @@ def test_imageio_ffmpeg_reads_the_same_frames_without_av(media, monkeypatch):
     assert torch.equal(vd.read_clip(entry(media, "long.mp4"), SIZE, SIZE, FRAMES, 2), clip)
     with pytest.raises(vd.BadClip, match="unreadable"):
         vd.read_clip(entry(media, "corrupt.mp4"), SIZE, SIZE, FRAMES, 2)
+
+
+def test_cut_to_max_latent_frames_and_dataloader(tmp_path):
+    ann = release_files(tmp_path, frames=(2, 3, 5))
+    ds = vd.FeatureDataset(str(ann), max_latent_frames=3)
+    assert ds.buckets == {2: [0], 3: [1, 2]}                         # the 5-frame clip joins the 3s
+    full = torch.load(tmp_path / "lat2.pt", weights_only=True)
+    assert torch.equal(ds[2]["latent"], full[0, :, :3])              # its first 3 latent frames
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=list(ds.buckets.values()), collate_fn=ds.collate)
+    shapes = [b["latents"].shape for b in loader]
+    assert shapes == [(1, 16, 2, 4, 6), (2, 16, 3, 4, 6)]
+
+
+def test_extraction_needs_media_and_caption(tmp_path):
+    model, text = models()
+    with pytest.raises(SystemExit, match="extraction needs"):
+        vd.extract([{"latent": "a.pt", "text": "x"}], str(tmp_path), model, text, SIZE, SIZE, FRAMES, progress=False)
