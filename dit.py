@@ -419,13 +419,15 @@ def _transformers():
 
 def _tokenizer_and_model(source, model_class, dtype=None):
     """(tokenizer, model) from a folder or hub name holding both, from a (tokenizer, model) pair
-    of such names, or from a pair of built objects (the tests' tiny random models)."""
+    of such names, or from a pair of built objects (the tests' tiny random models). Weights load
+    in `dtype`, float32 by default: some checkpoints are stored in float16, in which T5 overflows;
+    bfloat16 halves the memory on a GPU."""
     tf = _transformers()
     tok, model = source if isinstance(source, (tuple, list)) else (source, source)
     if isinstance(tok, str):
         tok = tf.AutoTokenizer.from_pretrained(tok)
     if isinstance(model, str):
-        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype)
+        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32)
     return tok, model
 
 

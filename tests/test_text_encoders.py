@@ -112,6 +112,9 @@ def test_minilm_end_to_end(minilm, monkeypatch):
     unrelated = F.cosine_similarity(pooled[0], pooled[2], dim=0)
     assert similar > 0.8 and unrelated < 0.5                                 # a real pretrained encoder
     assert all(torch.equal(x, y) for x, y in zip(enc(captions), (tokens, mask, pooled)))
+    half = dit.load_text_encoder(f"hf:{minilm}", dtype=torch.bfloat16)        # half the memory on a GPU
+    assert half(captions)[2].dtype == torch.bfloat16
+    assert F.cosine_similarity(half(captions)[2].float(), pooled).min() > 0.99
 
     # training steps of a small MM-DiT on its features: gradients reach the DiT's text input (from
     # the third step: zero-initialised gates and projections open one a step), never the encoder
