@@ -113,13 +113,15 @@ def clip_length(available: int, frames: int, temporal_factor: int) -> int:
     return 1 + (min(available, frames) - 1) // temporal_factor * temporal_factor
 
 
-def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
+def read_clip(entry, height, width, frames, temporal_factor, min_frames=None, fps=None):
     """An entry -> pixels [3, F, H, W] in [-1, 1]: each frame resized to cover H x W and
     centre-cropped, the first 1 + f*k <= `frames` frames kept (a shorter video gives a shorter
     clip; clips of equal length are batched together). An image is a one-frame clip.
-    A video shorter than `min_frames` (default 1 + f: one latent frame after the image latent) is
-    too short; min_frames=frames keeps only full-length clips, as the release's fixed-duration
-    clips. Raises BadClip for a missing, unreadable or too-short file."""
+    fps: resample to this frame rate first (the frame on screen at each time j / fps), so that
+    `frames` is a duration whatever the file's rate (the paper: 24 fps, 121 frames = 5 s);
+    None keeps every stored frame. A video shorter than `min_frames` (default 1 + f: one latent
+    frame after the image latent) is too short; min_frames=frames keeps only full-length clips,
+    as the release's fixed-duration clips. Raises BadClip for a missing, unreadable or too-short file."""
     if (frames - 1) % temporal_factor:
         raise ValueError(f"frames={frames} is not 1 + {temporal_factor}*k")
     path = media_path(entry)
@@ -131,7 +133,7 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
             with Image.open(path) as im:
                 pixels = [_cover_crop(np.asarray(im.convert("RGB")), height, width)]
         else:
-            pixels = _decode(path, frames, lambda frame: _cover_crop(frame, height, width))
+            pixels = _decode(path, frames, lambda frame: _cover_crop(frame, height, width), fps)
     except Exception as e:  # decoders raise many kinds; any of them means this file is unreadable
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadClip(f"unreadable {path}: {reason}") from None
@@ -142,29 +144,40 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
     return torch.stack(pixels, dim=1)                                          # [3, F, H, W]
 
 
-def _decode(path, limit, transform):
-    """transform(frame) of the first `limit` frames of a video (uint8 [H, W, 3] each), decoding
-    no further. PyAV when installed: the decoder of imageio's pyav plugin, called directly, as
-    the plugin runs gc.collect() whenever it closes a file (0.1-0.9 s per file in a process that
-    holds torch, measured: days over a million clips). Else imageio's ffmpeg plugin."""
-    out = []
+def _decode(path, limit, transform, fps=None):
+    """transform(frame) of the first `limit` frames of a video (uint8 [H, W, 3] each), resampled
+    to `fps` if given, decoding no further. PyAV when installed: the decoder of imageio's pyav
+    plugin, called directly, as the plugin runs gc.collect() whenever it closes a file (0.1-0.9 s
+    per file in a process that holds torch, measured: days over a million clips). Else imageio's
+    ffmpeg plugin."""
     try:
         import av
     except ImportError:
         import imageio.v3 as iio
+        step = iio.immeta(path, plugin="FFMPEG").get("fps", fps) / fps if fps else 1.0
         frames = iio.imiter(path, plugin="FFMPEG")
-        for frame in frames:
-            out.append(transform(frame))
-            if len(out) == limit:
-                frames.close()
-                break
-        return out
+        try:
+            return _take(frames, limit, transform, step)
+        finally:
+            frames.close()
     with av.open(path) as container:
-        container.streams.video[0].thread_type = "AUTO"   # frame and slice threads: HD decodes faster
-        for frame in container.decode(video=0):
-            out.append(transform(frame.to_ndarray(format="rgb24")))
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"                     # frame and slice threads: HD decodes faster
+        rate = stream.average_rate or stream.guessed_rate  # None when the file does not say: no resampling
+        step = float(rate) / fps if fps and rate else 1.0
+        return _take(container.decode(stream), limit, lambda f: transform(f.to_ndarray(format="rgb24")), step)
+
+
+def _take(frames, limit, transform, step):
+    """transform() of the frames shown at target times j (in target frames): source frame
+    floor(j * step), step = source fps / target fps (a frame repeats when step < 1), `limit` of them."""
+    out, j = [], 0
+    for n, frame in enumerate(frames):
+        while int(j * step + 1e-6) == n:              # 1e-6: 0.1 * 30 must count as 3, not 2.999...
+            out.append(transform(frame))
+            j += 1
             if len(out) == limit:
-                break
+                return out
     return out
 
 
@@ -287,11 +300,12 @@ def write_null_text(out_dir, text_encoder):
 
 @torch.no_grad()
 def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, world=1, progress=True,
-            min_frames=None):
+            min_frames=None, fps=None):
     """Write this rank's share (entries i with i % world == rank) of latents and text features
     into out_dir and return the path of its shard jsonl (merge_shards joins them). Resumable:
     existing outputs are kept, not recomputed; each file appears atomically. Bad clips are
-    skipped with a warning and counted; more than half of the share bad stops the run."""
+    skipped with a warning and counted; more than half of the share bad stops the run.
+    min_frames, fps: as read_clip."""
     f, s = vae.cfg.temporal_factor, vae.cfg.spatial_factor
     if height % s or width % s:
         raise SystemExit(f"error: size {height}x{width} is not divisible by the VAE's spatial factor {s}")
@@ -329,7 +343,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
             T = _latent(load_tensors(path, mmap=True), path).shape[1]             # header only
         else:
             try:
-                clip = read_clip(entry, height, width, frames, f, min_frames)     # [3, F, H, W]
+                clip = read_clip(entry, height, width, frames, f, min_frames, fps)  # [3, F, H, W]
             except BadClip as e:
                 warn(str(e))
                 bad += 1

@@ -348,3 +348,19 @@ def test_extraction_needs_media_and_caption(tmp_path):
     model, text = models()
     with pytest.raises(SystemExit, match="extraction needs"):
         vd.extract([{"latent": "a.pt", "text": "x"}], str(tmp_path), model, text, SIZE, SIZE, FRAMES, progress=False)
+
+
+@pytest.mark.parametrize("no_av", [False, True])
+def test_resampled_to_a_frame_rate(media, monkeypatch, no_av):
+    """long.mp4 is 17 frames at 8 fps (frame j: 20 + 10 j grey): at 4 fps every other frame, at
+    16 fps each frame twice, so `frames` is a duration whatever the file's rate."""
+    if no_av:
+        monkeypatch.setitem(sys.modules, "av", None)
+    long = entry(media, "long.mp4")
+    grey = lambda clip: ((clip.mean((0, 2, 3)) + 1) * 127.5 - 20) / 10     # the source frame index
+    torch.testing.assert_close(grey(vd.read_clip(long, SIZE, SIZE, FRAMES, 2, fps=4)),
+                               torch.arange(0, 17, 2).float(), atol=0.3, rtol=0)
+    torch.testing.assert_close(grey(vd.read_clip(long, SIZE, SIZE, FRAMES, 2, fps=16)),
+                               torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4]).float(), atol=0.3, rtol=0)
+    with pytest.raises(vd.BadClip, match="3 frames, needs at least 5"):    # 6 frames at 8 fps -> 3 at 4
+        vd.read_clip(entry(media, "short.mp4"), SIZE, SIZE, FRAMES, 2, min_frames=5, fps=4)
