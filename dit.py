@@ -533,11 +533,12 @@ def load_text_encoder(spec: str, dtype=None) -> FrozenTextEncoder:
         return HFTextEncoder(arg, dtype=dtype)
     if kind == "t5clip" and len(arg.split(",")) == 3:
         return T5CLIPTextEncoder(*arg.split(","), dtype=dtype)
-    if kind == "sd3" and arg:
-        part = lambda i: (os.path.join(arg, f"tokenizer{i}"), os.path.join(arg, f"text_encoder{i}"))
-        return T5CLIPTextEncoder(part("_3"), part(""), part("_2"), dtype=dtype)
+    if kind == "sd3" and arg:  # (tokenizer, model) folders of T5, CLIP-L, CLIP-G
+        parts = [(os.path.join(arg, f"tokenizer{s}"), os.path.join(arg, f"text_encoder{s}")) for s in ("_3", "", "_2")]
+        return T5CLIPTextEncoder(*parts, dtype=dtype)
     raise SystemExit(f"error: unknown text encoder {spec!r}; choose minilm, hf:PATH, t5clip:T5,CLIP_L,CLIP_G "
                      "or sd3:DIR (toy is trained with the model, not loaded)")
+
 
 # ----------------------------------------------------------------------------- text + DiT
 class TextToVideo(nn.Module):
