@@ -164,9 +164,8 @@ def test_extract_round_trip_sharded(media, tmp_path, capsys):
 
 
 def test_text_padded_to_longest_caption_with_mask_false(media, tmp_path):
-    entries = [dict(e, text=caption) for e, caption in
-               zip(vd.load_entries(str(media / "ann.jsonl"))[:1] * 2, ["one two three four five six", "one"])]
-    entries[1]["video"] = str(media / "long.mp4")                  # same clip, another caption
+    long = entry(media, "long.mp4")                                # the same clip with two captions
+    entries = [dict(long, text="one two three four five six"), dict(long, text="one")]
     model, text = models()
     vd.extract(entries, str(tmp_path), model, text, SIZE, SIZE, FRAMES, progress=False)
     ds = vd.FeatureDataset(vd.merge_shards(str(tmp_path), 1))
@@ -225,8 +224,9 @@ def test_extract_killed_half_way_then_rerun_completes(media, tmp_path):
                                size=SIZE, frames=FRAMES)
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "latents").glob("*.pt"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(list((out / "latents").glob("*.pt"))) < 2:
         time.sleep(0.05)
+    assert proc.poll() is None, "the extraction ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in (out / "latents").glob("*.pt")}
@@ -357,7 +357,8 @@ def test_resampled_to_a_frame_rate(media, monkeypatch, no_av):
     if no_av:
         monkeypatch.setitem(sys.modules, "av", None)
     long = entry(media, "long.mp4")
-    grey = lambda clip: ((clip.mean((0, 2, 3)) + 1) * 127.5 - 20) / 10     # the source frame index
+    def grey(clip):                                                  # the source frame index
+        return ((clip.mean((0, 2, 3)) + 1) * 127.5 - 20) / 10
     torch.testing.assert_close(grey(vd.read_clip(long, SIZE, SIZE, FRAMES, 2, fps=4)),
                                torch.arange(0, 17, 2).float(), atol=0.3, rtol=0)
     torch.testing.assert_close(grey(vd.read_clip(long, SIZE, SIZE, FRAMES, 2, fps=16)),
