@@ -76,6 +76,8 @@ def load_entries(path: str) -> list[dict]:
             for key in PATH_KEYS & entry.keys():
                 entry[key] = os.path.normpath(os.path.join(root, entry[key]))  # an absolute path stays
             entries.append(entry)
+    if not entries:
+        raise SystemExit(f"error: {path} has no entries")
     return entries
 
 
@@ -173,7 +175,7 @@ def _take(frames, limit, transform, step):
     floor(j * step), step = source fps / target fps (a frame repeats when step < 1), `limit` of them."""
     out, j = [], 0
     for n, frame in enumerate(frames):
-        while int(j * step + 1e-6) == n:              # 1e-6: 0.1 * 30 must count as 3, not 2.999...
+        while int(j * step + 1e-6) == n:              # 1e-6: j * step may land just below a whole number
             out.append(transform(frame))
             j += 1
             if len(out) == limit:
@@ -206,6 +208,8 @@ def load_tensors(path, mmap=False):
     except pickle.UnpicklingError:
         raise SystemExit(f"error: refused {path}: not a plain tensor file (loading it would run code "
                          "from it); torch.load(weights_only=True) reads tensors only") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise SystemExit(f"error: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def save_atomic(obj, path, rank=0):

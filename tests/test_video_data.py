@@ -365,3 +365,13 @@ def test_resampled_to_a_frame_rate(media, monkeypatch, no_av):
                                torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4]).float(), atol=0.3, rtol=0)
     with pytest.raises(vd.BadClip, match="3 frames, needs at least 5"):    # 6 frames at 8 fps -> 3 at 4
         vd.read_clip(entry(media, "short.mp4"), SIZE, SIZE, FRAMES, 2, min_frames=5, fps=4)
+
+
+def test_a_truncated_feature_file_stops_with_one_line(tmp_path):
+    ann = release_files(tmp_path)
+    data = (tmp_path / "txt1.pt").read_bytes()
+    (tmp_path / "txt1.pt").write_bytes(data[:len(data) // 2])
+    ds = vd.FeatureDataset(str(ann))
+    with pytest.raises(SystemExit) as e:
+        ds.batch([0, 1])
+    assert str(e.value).startswith(f"error: cannot read {tmp_path / 'txt1.pt'}: ") and "\n" not in str(e.value)
