@@ -53,6 +53,10 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _first_line(error):
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 # ----------------------------------------------------------------------------- annotations
 def load_entries(path: str) -> list[dict]:
     """A .jsonl annotation file or a folder of media with .txt captions -> entries with absolute paths."""
@@ -137,8 +141,7 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None, fp
         else:
             pixels = _decode(path, frames, lambda frame: _cover_crop(frame, height, width), fps)
     except Exception as e:  # decoders raise many kinds; any of them means this file is unreadable
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadClip(f"unreadable {path}: {reason}") from None
+        raise BadClip(f"unreadable {path}: {_first_line(e)}") from None
     shortest = 1 if "image" in entry else (min_frames or 1 + temporal_factor)
     if len(pixels) < shortest:
         raise BadClip(f"too short {path}: {len(pixels)} frames, needs at least {shortest}")
@@ -209,7 +212,7 @@ def load_tensors(path, mmap=False):
         raise SystemExit(f"error: refused {path}: not a plain tensor file (loading it would run code "
                          "from it); torch.load(weights_only=True) reads tensors only") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
-        raise SystemExit(f"error: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SystemExit(f"error: cannot read {path}: {_first_line(e)}") from None
 
 
 def save_atomic(obj, path, rank=0):

@@ -213,7 +213,8 @@ vd.extract(vd.load_entries({ann!r}), {out!r}, model, dit.ToyTextEncoder({td}, {p
 
 
 def test_extract_killed_half_way_then_rerun_completes(media, tmp_path):
-    lines = [{"video": str(media / "long.mp4"), "text": "long"}, {"image": str(media / "portrait.png"), "text": "image"}]
+    lines = [{"video": str(media / "long.mp4"), "text": "long"},
+             {"image": str(media / "portrait.png"), "text": "image"}]
     for i in range(4):                                               # 6 distinct files in all
         shutil.copy(media / "short.mp4", tmp_path / f"copy{i}.mp4")
         lines.append({"video": str(tmp_path / f"copy{i}.mp4"), "text": f"copy {i}"})
