@@ -316,7 +316,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
     f, s = vae.cfg.temporal_factor, vae.cfg.spatial_factor
     if height % s or width % s:
         raise SystemExit(f"error: size {height}x{width} is not divisible by the VAE's spatial factor {s}")
-    for sub in ("latents", "text"):
+    for sub in ("", "latents", "text"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
         for leftover in os.scandir(os.path.join(out_dir, sub)):  # from this rank's interrupted run
             if leftover.name.endswith(f".rank{rank}.tmp"):

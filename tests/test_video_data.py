@@ -185,6 +185,7 @@ def test_extract_resumes_skipping_existing_outputs(media, tmp_path):
     vd.extract(entries[:2], str(tmp_path), model, text, SIZE, SIZE, FRAMES, progress=False)  # "interrupted"
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "latents").iterdir()}
     (tmp_path / "latents" / "stale.pt.rank0.tmp").write_bytes(b"half a file")   # what a kill leaves
+    (tmp_path / "extracted.rank0.jsonl.rank0.tmp").write_text("{")
     calls.clear()
     shard = vd.extract(entries, str(tmp_path), model, text, SIZE, SIZE, FRAMES, progress=False)
     assert calls == [1]                                               # only the image was encoded again
