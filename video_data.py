@@ -440,9 +440,14 @@ class FeatureDataset:
         return dict(latents=torch.stack([x["latent"] for x in items]), text=text, text_mask=mask,
                     pooled=torch.stack([x["pooled"] for x in items]))
 
-    def batch(self, indices):
-        """Entries of one bucket -> collate()'s dict."""
-        return self.collate([self[i] for i in indices])
+    def batch(self, indices, latent_frames=None):
+        """Entries of one bucket -> collate()'s dict. latent_frames: cut every clip to its first
+        latent frames first, so entries of any buckets with at least that many batch together
+        (latent_frames=1: images, also from the first frames of videos)."""
+        items = [self[i] for i in indices]
+        for x in items:
+            x["latent"] = x["latent"][:, :latent_frames]
+        return self.collate(items)
 
     def draw(self, batch_size, generator, latent_frames=None):
         """A random batch from the bucket of `latent_frames` latent frames, or from a bucket drawn

@@ -155,6 +155,9 @@ def test_extract_round_trip_sharded(media, tmp_path, capsys):
     assert b["text"].shape == (2, 5, TEXT_DIM) and b["text_mask"].all()    # "a red circle moving left"
     with pytest.raises(ValueError, match="one bucket"):
         ds.batch([ds.buckets[5][0], ds.buckets[1][0]])
+    images = ds.batch([ds.buckets[5][0], ds.buckets[3][0], ds.buckets[1][0]], latent_frames=1)
+    assert images["latents"].shape == (3, 4, 1, 8, 8)
+    assert torch.equal(images["latents"][0], b["latents"][0, :, :1])    # a video's first latent: an image
     null_tokens, null_mask, null_pooled = ds.null_text()
     _, _, pooled = text([""])
     assert null_tokens.shape == (1, 1, TEXT_DIM) and not null_mask.any()
