@@ -419,13 +419,15 @@ def _transformers():
 
 def _tokenizer_and_model(source, model_class, dtype=None):
     """(tokenizer, model) from a folder or hub name holding both, from a (tokenizer, model) pair
-    of such names, or from a pair of built objects (the tests' tiny random models)."""
+    of such names, or from a pair of built objects (the tests' tiny random models). Weights load
+    in `dtype`, float32 by default: some checkpoints are stored in float16, in which T5 overflows;
+    bfloat16 halves the memory on a GPU."""
     tf = _transformers()
     tok, model = source if isinstance(source, (tuple, list)) else (source, source)
     if isinstance(tok, str):
         tok = tf.AutoTokenizer.from_pretrained(tok)
     if isinstance(model, str):
-        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype)
+        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32)
     return tok, model
 
 
@@ -531,11 +533,12 @@ def load_text_encoder(spec: str, dtype=None) -> FrozenTextEncoder:
         return HFTextEncoder(arg, dtype=dtype)
     if kind == "t5clip" and len(arg.split(",")) == 3:
         return T5CLIPTextEncoder(*arg.split(","), dtype=dtype)
-    if kind == "sd3" and arg:
-        part = lambda i: (os.path.join(arg, f"tokenizer{i}"), os.path.join(arg, f"text_encoder{i}"))
-        return T5CLIPTextEncoder(part("_3"), part(""), part("_2"), dtype=dtype)
+    if kind == "sd3" and arg:  # (tokenizer, model) folders of T5, CLIP-L, CLIP-G
+        parts = [(os.path.join(arg, f"tokenizer{s}"), os.path.join(arg, f"text_encoder{s}")) for s in ("_3", "", "_2")]
+        return T5CLIPTextEncoder(*parts, dtype=dtype)
     raise SystemExit(f"error: unknown text encoder {spec!r}; choose minilm, hf:PATH, t5clip:T5,CLIP_L,CLIP_G "
                      "or sd3:DIR (toy is trained with the model, not loaded)")
+
 
 # ----------------------------------------------------------------------------- text + DiT
 def is_text_features(captions) -> bool:

@@ -13,10 +13,11 @@ DiT only. This file reads and writes the release's format:
 - text feature file: torch.save of dict(prompt_embed [1, L, D], prompt_attention_mask [1, L],
   pooled_prompt_embed [1, P]).
 
-read_clip turns one entry into pixels; extract (train.py --task=extract) writes the features,
-sharded over ranks and resumable; FeatureDataset serves batches of them, bucketed by latent
-length. Every tensor file is read with torch.load(weights_only=True) (or safetensors): a file from
-elsewhere can hold tensors, never code.
+read_clip turns one entry into pixels (decoded by PyAV, or imageio-ffmpeg); extract (train.py
+--task=extract) writes the features, sharded over ranks and resumable, and an annotation file
+pointing at them (with one key of ours, "latent_frames", so that loading it reads no tensor);
+FeatureDataset serves batches of them, bucketed by latent length. Every tensor file is read with
+torch.load(weights_only=True) (or safetensors): a file from elsewhere can hold tensors, never code.
 
 Tensor legend: one clip [3, F, H, W] (pixels in [-1, 1], F pixel frames); latents [B, C, T, h, w];
 tokens [B, L, D].
@@ -35,7 +36,6 @@ from tqdm import tqdm
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MEDIA_KEYS = ("video", "image")
 PATH_KEYS = ("video", "image", "latent", "text_fea")   # resolved against the annotation file's folder
 MAX_BAD_FRACTION = 0.5   # more bad entries than this: the data, not a few files, is broken; stop
 STORE_DTYPE = torch.bfloat16   # extracted tensors on disk: half of float32, the precision bf16 training uses
@@ -51,6 +51,10 @@ class BadClip(Exception):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def _first_line(error):
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -76,6 +80,8 @@ def load_entries(path: str) -> list[dict]:
             for key in PATH_KEYS & entry.keys():
                 entry[key] = os.path.normpath(os.path.join(root, entry[key]))  # an absolute path stays
             entries.append(entry)
+    if not entries:
+        raise SystemExit(f"error: {path} has no entries")
     return entries
 
 
@@ -113,13 +119,15 @@ def clip_length(available: int, frames: int, temporal_factor: int) -> int:
     return 1 + (min(available, frames) - 1) // temporal_factor * temporal_factor
 
 
-def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
+def read_clip(entry, height, width, frames, temporal_factor, min_frames=None, fps=None):
     """An entry -> pixels [3, F, H, W] in [-1, 1]: each frame resized to cover H x W and
     centre-cropped, the first 1 + f*k <= `frames` frames kept (a shorter video gives a shorter
     clip; clips of equal length are batched together). An image is a one-frame clip.
-    A video shorter than `min_frames` (default 1 + f: one latent frame after the image latent) is
-    too short; min_frames=frames keeps only full-length clips, as the release's fixed-duration
-    clips. Raises BadClip for a missing, unreadable or too-short file."""
+    fps: resample to this frame rate first (the frame on screen at each time j / fps), so that
+    `frames` is a duration whatever the file's rate (the paper: 24 fps, 121 frames = 5 s);
+    None keeps every stored frame. A video shorter than `min_frames` (default 1 + f: one latent
+    frame after the image latent) is too short; min_frames=frames keeps only full-length clips,
+    as the release's fixed-duration clips. Raises BadClip for a missing, unreadable or too-short file."""
     if (frames - 1) % temporal_factor:
         raise ValueError(f"frames={frames} is not 1 + {temporal_factor}*k")
     path = media_path(entry)
@@ -131,14 +139,9 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
             with Image.open(path) as im:
                 pixels = [_cover_crop(np.asarray(im.convert("RGB")), height, width)]
         else:
-            pixels = []
-            for frame in _frames(path):
-                pixels.append(_cover_crop(frame, height, width))
-                if len(pixels) == frames:  # stop decoding: the rest is not used
-                    break
+            pixels = _decode(path, frames, lambda frame: _cover_crop(frame, height, width), fps)
     except Exception as e:  # decoders raise many kinds; any of them means this file is unreadable
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadClip(f"unreadable {path}: {reason}") from None
+        raise BadClip(f"unreadable {path}: {_first_line(e)}") from None
     shortest = 1 if "image" in entry else (min_frames or 1 + temporal_factor)
     if len(pixels) < shortest:
         raise BadClip(f"too short {path}: {len(pixels)} frames, needs at least {shortest}")
@@ -146,16 +149,41 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None):
     return torch.stack(pixels, dim=1)                                          # [3, F, H, W]
 
 
-def _frames(path):
-    """uint8 frames [H, W, 3] of a video, decoded lazily: imageio's pyav plugin (the PyPI package
-    av) when installed, else its ffmpeg plugin (imageio-ffmpeg)."""
-    import imageio.v3 as iio
+def _decode(path, limit, transform, fps=None):
+    """transform(frame) of the first `limit` frames of a video (uint8 [H, W, 3] each), resampled
+    to `fps` if given, decoding no further. PyAV when installed: the decoder of imageio's pyav
+    plugin, called directly, as the plugin runs gc.collect() whenever it closes a file (0.1-0.9 s
+    per file in a process that holds torch, measured: days over a million clips). Else imageio's
+    ffmpeg plugin."""
     try:
-        import av  # noqa: F401  (only to choose the plugin)
-        plugin = "pyav"
+        import av
     except ImportError:
-        plugin = "FFMPEG"
-    return iio.imiter(path, plugin=plugin)
+        import imageio.v3 as iio
+        step = iio.immeta(path, plugin="FFMPEG").get("fps", fps) / fps if fps else 1.0
+        frames = iio.imiter(path, plugin="FFMPEG")
+        try:
+            return _take(frames, limit, transform, step)
+        finally:
+            frames.close()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"                     # frame and slice threads: HD decodes faster
+        rate = stream.average_rate or stream.guessed_rate  # None when the file does not say: no resampling
+        step = float(rate) / fps if fps and rate else 1.0
+        return _take(container.decode(stream), limit, lambda f: transform(f.to_ndarray(format="rgb24")), step)
+
+
+def _take(frames, limit, transform, step):
+    """transform() of the frames shown at target times j (in target frames): source frame
+    floor(j * step), step = source fps / target fps (a frame repeats when step < 1), `limit` of them."""
+    out, j = [], 0
+    for n, frame in enumerate(frames):
+        while int(j * step + 1e-6) == n:              # 1e-6: j * step may land just below a whole number
+            out.append(transform(frame))
+            j += 1
+            if len(out) == limit:
+                return out
+    return out
 
 
 def _cover_crop(frame, height, width):
@@ -183,6 +211,8 @@ def load_tensors(path, mmap=False):
     except pickle.UnpicklingError:
         raise SystemExit(f"error: refused {path}: not a plain tensor file (loading it would run code "
                          "from it); torch.load(weights_only=True) reads tensors only") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise SystemExit(f"error: cannot read {path}: {_first_line(e)}") from None
 
 
 def save_atomic(obj, path, rank=0):
@@ -277,20 +307,24 @@ def write_null_text(out_dir, text_encoder):
 
 @torch.no_grad()
 def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, world=1, progress=True,
-            min_frames=None):
+            min_frames=None, fps=None):
     """Write this rank's share (entries i with i % world == rank) of latents and text features
     into out_dir and return the path of its shard jsonl (merge_shards joins them). Resumable:
     existing outputs are kept, not recomputed; each file appears atomically. Bad clips are
-    skipped with a warning and counted; more than half of the share bad stops the run."""
+    skipped with a warning and counted; more than half of the share bad stops the run.
+    min_frames, fps: as read_clip."""
     f, s = vae.cfg.temporal_factor, vae.cfg.spatial_factor
     if height % s or width % s:
         raise SystemExit(f"error: size {height}x{width} is not divisible by the VAE's spatial factor {s}")
-    for sub in ("latents", "text"):
+    for sub in ("", "latents", "text"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
         for leftover in os.scandir(os.path.join(out_dir, sub)):  # from this rank's interrupted run
             if leftover.name.endswith(f".rank{rank}.tmp"):
                 os.remove(leftover.path)
     share = entries[rank::world]
+    unusable = next((e for e in share if "text" not in e or not media_path(e)), None)
+    if unusable is not None:
+        raise SystemExit(f'error: extraction needs {{"video" or "image": path, "text": caption}}, got {unusable}')
     missing = sum(not os.path.isfile(media_path(e) or "") for e in share)
     if missing:
         warn(f"rank {rank}: {missing} of {len(share)} videos/images do not exist")
@@ -316,7 +350,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
             T = _latent(load_tensors(path, mmap=True), path).shape[1]             # header only
         else:
             try:
-                clip = read_clip(entry, height, width, frames, f, min_frames)     # [3, F, H, W]
+                clip = read_clip(entry, height, width, frames, f, min_frames, fps)  # [3, F, H, W]
             except BadClip as e:
                 warn(str(e))
                 bad += 1
@@ -353,11 +387,14 @@ def merge_shards(out_dir, world):
 class FeatureDataset:
     """Extracted latents and text features (an annotation file whose entries have "latent" and
     "text_fea"), bucketed by latent length: a batch draws from one bucket, so its clips stack
-    without padding (the release buckets by temporal length too)."""
+    without padding (the release buckets by temporal length too). max_latent_frames: longer clips
+    are cut to their first latent frames, which the causal VAE computed from their first pixel
+    frames only: the same latents a shorter extraction would give. Also a map-style dataset:
+    dataset[i] and FeatureDataset.collate suit a torch DataLoader with a per-bucket batch_sampler."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_latent_frames: int | None = None):
         entries = load_entries(path)
-        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+        self.path, self.root, self.max_latent_frames = path, os.path.dirname(os.path.abspath(path)), max_latent_frames
         self.entries = [e for e in entries
                         if os.path.isfile(e.get("latent", "")) and os.path.isfile(e.get("text_fea", ""))]
         bad = len(entries) - len(self.entries)
@@ -369,11 +406,10 @@ class FeatureDataset:
         self.buckets = {}
         for i, e in enumerate(self.entries):
             T = e.get("latent_frames") or self._latent(i, mmap=True).shape[1]  # release files: header only
-            self.buckets.setdefault(int(T), []).append(i)
-        latent = self._latent(0)
-        tokens, _, pooled = self._text(0)
-        self.latent_channels, self.latent_size = latent.shape[0], tuple(latent.shape[2:])
-        self.text_dim, self.pooled_dim = tokens.shape[1], pooled.shape[0]
+            self.buckets.setdefault(min(int(T), max_latent_frames or int(T)), []).append(i)
+        first = self[0]
+        self.latent_channels, self.latent_size = first["latent"].shape[0], tuple(first["latent"].shape[2:])
+        self.text_dim, self.pooled_dim = first["text"].shape[1], first["pooled"].shape[0]
 
     def __len__(self):
         return len(self.entries)
@@ -382,25 +418,36 @@ class FeatureDataset:
         path = self.entries[i]["latent"]
         return _latent(load_tensors(path, mmap), path)                         # [C, T, h, w]
 
-    def _text(self, i):
+    def __getitem__(self, i):
+        """dict(latent [C, T, h, w], text [L, D], text_mask [L] bool, pooled [P]), float32."""
         path = self.entries[i]["text_fea"]
-        return _text_features(load_tensors(path), path)
+        tokens, mask, pooled = _text_features(load_tensors(path), path)
+        latent = self._latent(i)[:, :self.max_latent_frames]
+        return dict(latent=latent.float(), text=tokens.float(), text_mask=mask, pooled=pooled.float())
 
-    def batch(self, indices):
-        """Entries of one bucket -> dict(latents [B, C, T, h, w], text [B, L, D], text_mask [B, L]
-        bool, pooled [B, P]), float32; text padded to the batch's longest caption (mask False)."""
-        latents = [self._latent(i) for i in indices]
-        if len({x.shape for x in latents}) > 1:
-            raise ValueError(f"latent shapes differ in one batch: {sorted({tuple(x.shape) for x in latents})}; "
-                             "draw a batch's indices from one bucket")
-        feats = [self._text(i) for i in indices]
-        L, D = max(t.shape[0] for t, _, _ in feats), feats[0][0].shape[1]
-        text = torch.zeros(len(indices), L, D)
-        mask = torch.zeros(len(indices), L, dtype=torch.bool)
-        for j, (tokens, m, _) in enumerate(feats):
-            text[j, :len(tokens)], mask[j, :len(m)] = tokens.float(), m
-        return dict(latents=torch.stack(latents).float(), text=text, text_mask=mask,
-                    pooled=torch.stack([p for _, _, p in feats]).float())
+    @staticmethod
+    def collate(items):
+        """Samples of one bucket -> dict(latents [B, C, T, h, w], text [B, L, D], text_mask [B, L]
+        bool, pooled [B, P]); text padded with zeros to the longest caption, mask False there."""
+        shapes = {tuple(x["latent"].shape) for x in items}
+        if len(shapes) > 1:
+            raise ValueError(f"latent shapes differ in one batch: {sorted(shapes)}; draw a batch from one bucket")
+        L, D = max(len(x["text"]) for x in items), items[0]["text"].shape[1]
+        text = torch.zeros(len(items), L, D)
+        mask = torch.zeros(len(items), L, dtype=torch.bool)
+        for j, x in enumerate(items):
+            text[j, :len(x["text"])], mask[j, :len(x["text"])] = x["text"], x["text_mask"]
+        return dict(latents=torch.stack([x["latent"] for x in items]), text=text, text_mask=mask,
+                    pooled=torch.stack([x["pooled"] for x in items]))
+
+    def batch(self, indices, latent_frames=None):
+        """Entries of one bucket -> collate()'s dict. latent_frames: cut every clip to its first
+        latent frames first, so entries of any buckets with at least that many batch together
+        (latent_frames=1: images, also from the first frames of videos)."""
+        items = [self[i] for i in indices]
+        for x in items:
+            x["latent"] = x["latent"][:, :latent_frames]
+        return self.collate(items)
 
     def draw(self, batch_size, generator, latent_frames=None):
         """A random batch from the bucket of `latent_frames` latent frames, or from a bucket drawn
