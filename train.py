@@ -576,7 +576,7 @@ class FeatureVideo:
         if (cfg.frames - 1) % vae_cfg.temporal_factor:
             raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {vae_cfg.temporal_factor}*k")
         self.max_latent_frames = 1 + (cfg.frames - 1) // vae_cfg.temporal_factor
-        self.data = video_data.FeatureDataset(phase_data(cfg))
+        self.data = video_data.FeatureDataset(phase_data(cfg), self.max_latent_frames)  # longer clips: cut
         self.buckets = {T: ids for T, ids in sorted(self.data.buckets.items()) if ids}
         self.videos = [T for T in self.buckets if T > 1]
         if cfg.image_ratio < 1 and not self.videos:
@@ -625,9 +625,8 @@ class FeatureVideo:
         groups = []
         for k, per in self.stages(g):
             image = torch.rand(1, generator=g).item() < cfg.image_ratio
-            b = self.data.batch(self.draw(per, image, g))
-            T = 1 if image else min(self.max_latent_frames, b["latents"].shape[2])
-            i = int(torch.randint(T, (1,), generator=g))                       # AR position (latent frame)
+            b = self.data.batch(self.draw(per, image, g), latent_frames=1 if image else None)
+            i = int(torch.randint(b["latents"].shape[2], (1,), generator=g))   # AR position (latent frame)
             lat = b["latents"][:, :, :i + 1].to(device)                        # [b, C, i + 1, h, w]
             history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g,
                                            max_noise=cfg.history_noise)        # Eq. 16

@@ -173,6 +173,8 @@ def test_a_phase_trains_on_features_and_resumes_exactly(tmp_path, extracted):
     batch = train.FeatureVideo(train.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
     groups = batch.batch(train.step_generator(batch.cfg, 0, 0, 0), "cpu")["groups"]
     assert [(g["stage"], g["x_t"].shape[0]) for g in groups] == [(2, 1), (1, 2), (0, 1)]  # 1:2:1
+    short = train.FeatureVideo(dataclasses.replace(batch.cfg, frames=9))  # clips cut to 2 latent frames
+    assert {T: len(ids) for T, ids in short.buckets.items()} == {1: 2, 2: 4}
     one = train.FeatureVideo(dataclasses.replace(batch.cfg, batch_size=1))  # a micro-batch of one clip
     drawn = [one.stages(train.step_generator(one.cfg, 0, s, 0)) for s in range(400)]
     assert all(len(d) == 1 and d[0][1] == 1 for d in drawn)
