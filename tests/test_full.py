@@ -2,8 +2,7 @@
 extraction through train.py, training on extracted features (resume, phase chaining, DDP and FSDP
 over two gloo processes), and sample.py on the checkpoint. A tiny full-shaped run: a 2-block MM-DiT,
 64x128 frames of 17 pixel frames (8x16 latents of 3 frames), K = 3, and a frozen tiny text encoder
-standing in for T5/CLIP (transformers takes half a minute to import here; tests/test_video_data.py
-and the text-encoder tests run the real ones)."""
+standing in for T5/CLIP (no transformers import), except in the last test, which runs MiniLM."""
 import dataclasses
 import json
 import os
@@ -263,3 +262,22 @@ def test_sample_py_generates_from_a_full_checkpoint(tmp_path, extracted, monkeyp
     monkeypatch.setattr(dit, "load_text_encoder", lambda spec, dtype=None: other)
     with pytest.raises(SystemExit, match="was trained on 12 and 8"):
         sample.load(ckpt)
+
+
+def test_minilm_end_to_end_through_extraction_training_and_sampling(tmp_path, extracted):
+    """The real loading path: a pretrained encoder (all-MiniLM-L6-v2 from its wheel, offline) extracts
+    the text features, the tiny full-shaped model trains a step on them, sample.py encodes new captions."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("all_minilm_l6_v2")
+    spec = f"hf:{dit.minilm_folder(str(tmp_path / 'text_encoders'))}"
+    root = os.path.dirname(os.path.dirname(extracted[0]))
+    train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl",
+                f"--out_dir={tmp_path / 'features'}", f"--vae_ckpt={extracted[1]}", f"--text_encoder={spec}",
+                "--size=64", "--frame_width=128", "--frames=17"])
+    features = str(tmp_path / "features" / "extracted.jsonl")
+    run(tmp_path, (features, extracted[1]), "--phase=2", "--init_from=none", "--max_steps=1", f"--text_encoder={spec}")
+    ckpt = load(tmp_path / "phase2" / "ckpt.pt")
+    assert (ckpt["dit_config"]["text_dim"], ckpt["dit_config"]["pooled_dim"]) == (384, 384)
+    sample.main([f"--ckpt={tmp_path / 'phase2' / 'ckpt.pt'}", "--prompt=a dog runs", f"--out={tmp_path / 'a.gif'}",
+                 "--frames=9", "--steps=1,1,1", "--steps_later=1,1,1"])
+    assert (tmp_path / "a.gif").exists()
