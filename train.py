@@ -5,12 +5,14 @@ The one training loop of the project, from a 2-D toy on a laptop to the paper's 
     python train.py --preset=toy2d                    # App. C.4: the 2-D toy (toy/coupling.py compares)
     python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
     torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
-    torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
+    python train.py --preset=full --phase=3 --dry_run=true         # the paper's recipe: its numbers, no memory
+    torchrun --nproc_per_node=8 train.py --preset=full --phase=2 --task=extract --data=videos.jsonl ...
+    torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full --data=...  # its three phases
 
 A preset is a named set of run settings (PRESETS below, each with its hardware, command, time and
 result); `--key=value` overrides any field of `Config`. Each preset names a task: what a batch is
 and what the loss is (Toy2D here, the VAE and the video model below it). The loop around them is
-shared: DDP, gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
+shared: DDP (or FSDP2), gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
 LR (or a cosine decay), gradient clipping, EMA, loss-spike skip, stop on a non-finite loss, atomic checkpoints, exact
 resume. Tensor legend: video [B, C, T, H, W], tokens [B, L, D].
 """
