@@ -181,9 +181,9 @@ def test_a_phase_trains_on_features_and_resumes_exactly(tmp_path, extracted):
     assert 70 < counts[0] < 130 and 160 < counts[1] < 240 and 70 < counts[2] < 130  # 1:2:1 over micro-steps
     for bad, msg in ((dict(data=""), "pass --data=PATH/extracted.jsonl"),
                      (dict(size=128), "latents of .* are 8x16; this run trains at 128x128"),
-                     (dict(fsdp=True, out_dir=str(tmp_path / "c")), "launch with torchrun")):
+                     (dict(fsdp=True), "launch with torchrun")):
         with pytest.raises(SystemExit, match=msg):
-            train.train(dataclasses.replace(batch.cfg, **bad), quiet=True)
+            train.train(dataclasses.replace(batch.cfg, out_dir=str(tmp_path / "c"), **bad), quiet=True)
 
 
 def test_phases_run_in_order_each_from_the_last_and_finished_ones_are_skipped(tmp_path, extracted, capsys):
@@ -201,6 +201,10 @@ def test_phases_run_in_order_each_from_the_last_and_finished_ones_are_skipped(tm
     run(tmp_path / "lr0", extracted, "--phase=2", "--max_steps=1", "--lr=0")
     one, two = (load(tmp_path / "lr0" / f"phase{n}" / "ckpt.pt")["model"] for n in (1, 2))
     assert all(torch.equal(one[k], two[k]) for k in one)
+    torch.manual_seed(0)  # train() seeds with --seed before building the model
+    init = train.FeatureVideo(train.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
+    init = init.model().state_dict()
+    assert any(not torch.equal(one[k], init[k]) for k in one)  # and phase 1 did train
 
 
 # ---------------------------------------------------------------- two processes: DDP and FSDP
