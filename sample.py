@@ -165,7 +165,7 @@ def to_uint8(video):
     return ((video.permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
-def write_video(path, video):
+def write_video(path, video, fps=FPS):
     """One video [3, F, H, W] to .gif or .mp4, atomically (temp file, then rename): an interrupted
     or failed write never leaves a partial file under the requested name. A gif stores identical
     consecutive frames as one longer frame (Pillow): same playback, fewer frames read back."""
@@ -175,9 +175,9 @@ def write_video(path, video):
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{ext}")
     try:
         if ext == ".gif":
-            imageio.mimwrite(tmp, list(frames), duration=1000 / FPS, loop=0)
+            imageio.mimwrite(tmp, list(frames), duration=1000 / fps, loop=0)
         elif ext == ".mp4":
-            imageio.mimwrite(tmp, list(frames), fps=FPS, macro_block_size=1, quality=9)
+            imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1, quality=9)
         else:
             fail(f"unknown video format {ext!r} for {path}; use .gif or .mp4")
         os.replace(tmp, path)
@@ -318,7 +318,7 @@ def main(argv):
                           renoise=o["renoise"].lower() not in ("0", "false", "no"), device=o["device"],
                           decode_chunk=number(o, "decode_chunk", int, None))
     for path, v in zip(outs, videos):
-        write_video(path, v)
+        write_video(path, v, cfg.get("fps") or FPS)  # a run on real videos plays at their rate
         print(f"wrote {path}")
 
 

@@ -118,6 +118,7 @@ class Config:
     dry_run: bool = False          # print parameters, tokens, batch arithmetic and memory per GPU, then exit
     world: int = 0                 # GPUs the dry run plans for; 0: torchrun's WORLD_SIZE, or 1
     frame_width: int = 0           # pixels per row for frames that are not square; 0: size x size
+    fps: int = 0                   # extraction resamples videos to this rate (frames are then a duration); 0: as filed
     text_encoder: str = ""         # frozen encoder of --task=extract and sample.py (dit.load_text_encoder):
     #                                minilm | hf:PATH | t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR
 
@@ -174,7 +175,8 @@ PRESETS = {
     "full": dict(task="video", data="", model="paper", vae_size="paper",  # 16-channel latents of the 8x8x8 VAE
                  K=3, stage_ratio="1,2,1",  # the release's 1:2:1 (low:mid:full)
                  adam_eps=1e-6, weight_decay=1e-4, grad_clip=1.0, warmup_steps=1000, lr_decay="none",
-                 grad_checkpointing=True, ema_decay=0.9999, log_every=100, save_every=1000, eval_captions=0),
+                 grad_checkpointing=True, ema_decay=0.9999, log_every=100, save_every=1000, eval_captions=0,
+                 fps=24),  # the paper's videos: 121 frames are 5 s
 }
 
 # The phases of a preset: settings over the preset's, phase by phase (--phase=N runs one). Table 4 for
@@ -1115,8 +1117,8 @@ T5_TOKENS = 128  # text tokens of a caption (T5, padded)
 
 def extract(cfg):
     """--task=extract: latents (the --vae_ckpt VAE) and text features (the --text_encoder encoder)
-    of --data (a .jsonl annotation file or a folder) at the run's --size, --frame_width and --frames
-    into --out_dir, sharded over the torchrun ranks; rank 0 then writes out_dir/extracted.jsonl."""
+    of --data (a .jsonl annotation file or a folder) at the run's --size, --frame_width, --frames and
+    --fps into --out_dir, sharded over the torchrun ranks; rank 0 then writes out_dir/extracted.jsonl."""
     import video_data
     if not cfg.out_dir:
         raise SystemExit("error: --task=extract writes into --out_dir=PATH; name the folder")
@@ -1133,7 +1135,7 @@ def extract(cfg):
     encoder = dit.load_text_encoder(cfg.text_encoder, dtype=torch.bfloat16 if device.type == "cuda" else None)
     encoder = encoder.to(device)  # T5-XXL is 4.7B parameters: bf16 on a GPU, as the features are stored
     video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size, cfg.frames,
-                       rank=rank, world=world, progress=rank == 0)
+                       rank=rank, world=world, progress=rank == 0, fps=cfg.fps or None)
     if ddp:
         torch.distributed.barrier()  # every shard is written
     if rank == 0:

@@ -41,7 +41,7 @@ def write_media(folder):
     lines = []
     for j, frames in enumerate([17, 17, 17, 9]):
         clip = (g.random((frames, 64, 128, 3)) * 255).astype(np.uint8)
-        imageio.mimwrite(folder / f"v{j}.mp4", list(clip), fps=8, macro_block_size=1)
+        imageio.mimwrite(folder / f"v{j}.mp4", list(clip), fps=24, macro_block_size=1)  # the full preset's rate
         lines.append(dict(video=f"v{j}.mp4", text=CAPTIONS[j]))
     for j in range(2):
         Image.fromarray((g.random((64, 128, 3)) * 255).astype(np.uint8)).save(folder / f"i{j}.png")
