@@ -55,7 +55,8 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
     vae = None
     if features:
-        net.text_encoder = frozen_text_encoder(text_encoder or ck["config"].get("text_encoder", ""), net.dit.cfg, device)
+        spec = text_encoder or ck["config"].get("text_encoder", "")
+        net.text_encoder = frozen_text_encoder(spec, net.dit.cfg, device)
         vae_ckpt = vae_ckpt or ck["config"].get("vae_ckpt", "")
         if not vae_ckpt:
             fail(f"{path} was trained on extracted latents: pass --vae_ckpt=PATH, the VAE that extracted them")

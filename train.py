@@ -661,7 +661,8 @@ def phase_data(cfg):
         return paths[0]
     n = len(PHASES.get(cfg.preset, []))
     if not cfg.phase or len(paths) != n:
-        raise SystemExit(f"error: --data has {len(paths)} paths; give one, or one per phase ({n}) with --preset={cfg.preset}")
+        raise SystemExit(f"error: --data has {len(paths)} paths; give one, or one per phase ({n}) "
+                         f"with --preset={cfg.preset}")
     return paths[cfg.phase - 1]
 
 

@@ -221,8 +221,9 @@ def _worker(rank, port, out, data):
     train.train(dataclasses.replace(fsdp, max_steps=2, resume=True), quiet=True)  # the gathered checkpoint resumes
     root = os.path.dirname(os.path.dirname(data))  # extraction sharded over both ranks, then merged by rank 0
     dit.load_text_encoder = tiny_text_encoder
-    train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl", f"--out_dir={out}/features",
-                f"--vae_ckpt={root}/vae.pt", "--text_encoder=tiny", "--size=64", "--frame_width=128", "--frames=17"])
+    train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl",
+                f"--out_dir={out}/features", f"--vae_ckpt={root}/vae.pt", "--text_encoder=tiny", "--size=64",
+                "--frame_width=128", "--frames=17"])
 
 
 def _free_port():
