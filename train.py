@@ -6,12 +6,14 @@ The one training loop of the project, from a 2-D toy on a laptop to the paper's 
     python train.py --preset vae-toy --max_steps=500  # any run setting: --key=value
     python train.py --help                            # every setting, its default and meaning
     torchrun --nproc_per_node=2 train.py --preset=toy2d           # DDP (gloo on CPU, NCCL on GPU)
-    torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full
+    python train.py --preset=full --phase=3 --dry_run=true         # the paper's recipe: its numbers, no memory
+    torchrun --nproc_per_node=8 train.py --preset=full --phase=2 --task=extract --data=videos.jsonl ...
+    torchrun --nnodes=N --nproc_per_node=8 ... train.py --preset full --data=...  # its three phases
 
 A preset is a named set of run settings (PRESETS below, each with its hardware, command, time and
 result); `--key=value` overrides any field of `Config`. Each preset names a task: what a batch is
 and what the loss is (Toy2D here, the VAE and the video model below it). The loop around them is
-shared: DDP, gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
+shared: DDP (or FSDP2), gradient accumulation, bf16 autocast on CUDA only, AdamW with warm-up then constant
 LR (or a cosine decay), gradient clipping, EMA, loss-spike skip, stop on a non-finite loss, atomic checkpoints, exact
 resume. Tensor legend: video [B, C, T, H, W], tokens [B, L, D].
 """
@@ -49,7 +51,7 @@ fail = sample.fail  # one-line errors (SystemExit), the same in both scripts
 @dataclass
 class Config:
     preset: str = "tiny"
-    task: str = "video"            # toy2d | vae | video
+    task: str = "video"            # toy2d | vae | video | extract (latents and text features of real data)
     out_dir: str = ""              # default: out/<preset>
     resume: bool = False           # continue from out_dir/ckpt.pt
     overwrite: bool = False        # allow replacing an existing checkpoint in out_dir
@@ -76,7 +78,8 @@ class Config:
     K: int = 3                     # pyramid stages
     coupling: str = "coupled"      # coupled (Eqs. 9-10) | independent (the App. C.4 ablation; toy2d only)
     # video (text-to-video presets)
-    data: str = "shapes"           # shapes | digits (toy/data.py)
+    data: str = "shapes"           # shapes | digits (toy/data.py) | PATH/extracted.jsonl (real data, --task=extract;
+    #                                a preset with phases takes one path for all or one per phase, comma-separated)
     data_pool: int = 0             # > 0: a fixed data set of this many clips per process, made and encoded
     #                                once at the start (cheap steps on VAE latents); 0: a new clip every sample
     frames: int = 8                # pixel frames per clip (1 + f*k when a VAE compresses time f x)
@@ -113,6 +116,19 @@ class Config:
     pixel_loss: str = "mse"        # mse | l1
     disc_weight: float = 0.0       # patch discriminator with the adaptive weight; 0 disables it
     disc_start: int = 0            # optimizer step at which the discriminator joins
+    # the full recipe (Table 4): phases, global batch, sharding, real data as extracted features
+    phase: int = 0                 # a preset with phases (PHASES): 0 runs them all in order, N only phase N
+    global_batch: int = 0          # > 0: grad_accum = global_batch / (batch_size * world size); 0: grad_accum as set
+    adam_eps: float = 1e-8         # AdamW's eps (torch's default; Table 4: 1e-6)
+    init_from: str = ""            # a new run starts from this checkpoint's weights and EMA (fresh optimizer);
+    #                                a phase > 1 defaults to the previous phase's checkpoint ("none": from scratch)
+    fsdp: bool = False             # shard weights, gradients and AdamW states over the ranks (FSDP2) instead of DDP
+    dry_run: bool = False          # print parameters, tokens, batch arithmetic and memory per GPU, then exit
+    world: int = 0                 # GPUs the dry run plans for; 0: torchrun's WORLD_SIZE, or 1
+    frame_width: int = 0           # pixels per row for frames that are not square; 0: size x size
+    fps: int = 0                   # extraction resamples videos to this rate (frames are then a duration); 0: as filed
+    text_encoder: str = ""         # frozen encoder of --task=extract and sample.py (dit.load_text_encoder):
+    #                                minilm | hf:PATH | t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR
 
 
 # Presets. Header of each (at most four lines): hardware, command, time, result. Why a setting has
@@ -161,7 +177,44 @@ PRESETS = {
     "vae-toy": dict(task="vae", max_steps=1800, batch_size=4, vae_frames=5, lr=1e-3, beta2=0.99,
                     lr_decay="cosine",  # 29.0 dB at 1200 steps against 23.9 dB at a constant rate
                     warmup_steps=50, ema_decay=0.99, log_every=100),
+    # full: the paper's recipe (Table 4, App. B): the 2.0B `paper` MM-DiT, K = 3, on extracted features of real data.
+    # GPUs with bf16, `torchrun --nproc_per_node=8 train.py --preset=full --data=...`; the paper: 128 A100s, 162 hours.
+    # Three phases (PHASES) in out/full/phase1..3, each from the previous one's weights; run here only in CPU tests.
+    "full": dict(task="video", data="", model="paper", vae_size="paper",  # 16-channel latents of the 8x8x8 VAE
+                 K=3, stage_ratio="1,2,1",  # the release's 1:2:1 (low:mid:full)
+                 adam_eps=1e-6, weight_decay=1e-4, grad_clip=1.0, warmup_steps=1000, lr_decay="none",
+                 grad_checkpointing=True, ema_decay=0.9999, log_every=100, save_every=1000, eval_captions=0,
+                 fps=24),  # the paper's videos: 121 frames are 5 s
 }
+
+# The phases of a preset: settings over the preset's, phase by phase (--phase=N runs one). Table 4 for
+# full; per-GPU batches for 80 GB GPUs, reaching the global batch by accumulation (at 8 GPUs: 16, 24, 48
+# micro-steps). 384p is 384x640 and 768p 768x1280; clips are 1 + 8k frames at 24 fps.
+PHASES = {
+    "full": [
+        # 1: images at 384p, 50k steps
+        dict(size=384, frame_width=640, frames=1, image_ratio=1.0, max_steps=50_000, global_batch=1536,
+             batch_size=12, lr=1e-4, beta1=0.9, beta2=0.999),
+        # 2: 384p video up to 5 s (121 frames, 16 latent frames; shorter clips form their own buckets),
+        # with 12.5% images in the batches (App. B), 200k steps
+        dict(size=384, frame_width=640, frames=121, image_ratio=0.125, max_steps=200_000, global_batch=768,
+             batch_size=4, lr=1e-4, beta1=0.9, beta2=0.95),
+        # 3: 768p video up to 10 s (241 frames, 31 latent frames: 15,360 tokens a sample), 50k steps
+        dict(size=768, frame_width=1280, frames=241, image_ratio=0.125, max_steps=50_000, global_batch=384,
+             batch_size=1, lr=5e-5, beta1=0.9, beta2=0.95),
+    ],
+}
+
+
+def preset_settings(preset, phase):
+    """The settings of a preset, with those of its phase `phase` (text of --phase; 0: the preset's own)."""
+    phase = convert("phase", phase, int)
+    phases = PHASES.get(preset, [])
+    if phase and not phases:
+        raise SystemExit(f"error: --phase={phase}: preset {preset} has no phases")
+    if not 0 <= phase <= len(phases):
+        raise SystemExit(f"error: --phase={phase}: preset {preset} has phases 1 to {len(phases)} (0: all in order)")
+    return PRESETS[preset] | (phases[phase - 1] if phase else {})
 
 
 def parse_args(argv):
@@ -180,7 +233,7 @@ def parse_args(argv):
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     types = {f.name: type(f.default) for f in fields(Config)}
-    cfg = Config(preset=preset, **PRESETS[preset])
+    cfg = Config(preset=preset, **preset_settings(preset, overrides.get("phase", "0")))
     for key, value in overrides.items():
         if key not in types:
             raise SystemExit(f"error: unknown setting --{key}; python train.py --help lists the settings")
@@ -209,7 +262,8 @@ def print_help():
 AT_LEAST = dict(lr=0, weight_decay=0, warmup_steps=0, max_steps=0, batch_size=1, grad_accum=1, grad_clip=0,
                 spike_factor=0, log_every=1, save_every=0, threads=0, K=1, data_pool=0, frames=1, size=1,
                 width=0, depth=0, heads=0, patch=0, vae_steps=0, eval_captions=0, toy_width=1, toy_points=1,
-                vae_frames=1, kl_weight=0, disc_weight=0, disc_start=0)
+                vae_frames=1, kl_weight=0, disc_weight=0, disc_start=0, phase=0, global_batch=0, world=0,
+                frame_width=0, fps=0, adam_eps=1e-30)
 IN_0_1 = ("image_ratio", "caption_dropout", "history_noise")  # [0, 1]
 BELOW_1 = ("ema_decay", "beta1", "beta2")                     # [0, 1)
 
@@ -225,7 +279,10 @@ def validate(cfg):
     """Every setting checked before any work (the VAE phase and data generation included), each
     refusal one line naming the setting: ranges, names, the device, the output folder and the
     task's own rules (sizes the pyramid and the patch divide, frames the VAE takes, widths)."""
-    for key, allowed in choices().items():
+    named = choices()
+    if cfg.task == "video" and (not cfg.data or phase_data(cfg).endswith(".jsonl")):
+        del named["data"]  # extracted features of real data (or none given): video_task checks it
+    for key, allowed in named.items():
         if getattr(cfg, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     for f in fields(cfg):
@@ -406,6 +463,17 @@ def parse_ints(text, n, name):
     return vals
 
 
+def dit_config(cfg, **changes):
+    """The MM-DiT of a video run: the size --model with the run's width, depth, heads and patch."""
+    if cfg.model not in dit.SIZES:
+        raise SystemExit(f"error: unknown --model={cfg.model!r}; choose from {', '.join(dit.SIZES)}")
+    sizes = {f: getattr(cfg, f) for f in ("width", "depth", "heads") if getattr(cfg, f)}
+    if cfg.patch:
+        sizes["patch_size"] = cfg.patch
+    return dataclasses.replace(dit.SIZES[cfg.model], causal=cfg.causal, grad_checkpointing=cfg.grad_checkpointing,
+                               history_time=cfg.history_time, **sizes, **changes)
+
+
 class VideoLoss(nn.Module):
     """Flow matching loss of a micro-batch made of groups, one per stage; each group shares a stage
     k and an AR position i, so its frames have one layout (the release packs unequal samples
@@ -422,9 +490,9 @@ class VideoLoss(nn.Module):
             if self.prediction == "x":  # the output is the clean frame: the velocity it implies
                 v = pf.velocity_from_clean(v, g["x_t"], g["stage"], g["t"], self.windows)
             loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i only
-            losses.append(loss * len(g["captions"]))
+            losses.append(loss * g["x_t"].shape[0])
             logs[f"loss_k{g['stage']}"] = loss.item()
-        return torch.stack(losses).sum() / sum(len(g["captions"]) for g in groups), logs
+        return torch.stack(losses).sum() / sum(g["x_t"].shape[0] for g in groups), logs
 
 
 class Video:
@@ -452,12 +520,7 @@ class Video:
         self.time_factor = tf = self.vae.cfg.temporal_factor if self.vae else 1  # pixel frames per latent frame
         if (cfg.frames - 1) % tf:
             raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {tf}*k for this VAE (it compresses time {tf}x)")
-        changes = {f: getattr(cfg, f) for f in ("width", "depth", "heads") if getattr(cfg, f)}
-        if cfg.patch:
-            changes["patch_size"] = cfg.patch
-        self.dit_cfg = dataclasses.replace(dit.SIZES[cfg.model], in_channels=channels, causal=cfg.causal,
-                                           grad_checkpointing=cfg.grad_checkpointing, history_time=cfg.history_time,
-                                           **changes)
+        self.dit_cfg = dit_config(cfg, in_channels=channels)
         try:
             dit.check_config(self.dit_cfg)
         except ValueError as e:
@@ -551,6 +614,132 @@ class Video:
             report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
 
 
+class FeatureVideo:
+    """Text-to-video on real data, as extracted features (--data=PATH/extracted.jsonl, made by
+    --task=extract): normalised VAE latents and frozen-encoder text features, so no VAE or text
+    encoder runs in the loop. Clips of one latent length form a bucket (video_data.FeatureDataset);
+    each group draws its bucket, clips, AR position and noise from the step's generator, so the loop
+    stays stateless and resumes exactly. Images (--image_ratio of the groups: 12.5% in the video
+    phases, App. B) come from the one-frame bucket, or are clips' first latent frames when there is
+    none. Caption dropout swaps in the null caption's features (FeatureDataset.null_text)."""
+
+    def __init__(self, cfg):
+        import video_data  # real data only: the toy presets never need it
+        self.cfg, K = cfg, cfg.K
+        self.windows = pf.stage_windows(K)
+        self.ratio = parse_ints(cfg.stage_ratio, K, "stage_ratio")
+        if cfg.prediction not in ("v", "x"):
+            raise SystemExit(f"error: --prediction must be v or x, got {cfg.prediction!r}")
+        if cfg.positions not in ("extrapolate", "interpolate"):
+            raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
+        if not 0 <= cfg.history_noise <= 1:
+            raise SystemExit(f"error: --history_noise={cfg.history_noise} must be in [0, 1]")
+        if cfg.vae_size not in vae.VAE_SIZES:
+            raise SystemExit(f"error: unknown --vae_size={cfg.vae_size!r}; choose from {', '.join(vae.VAE_SIZES)}")
+        vae_cfg = vae.VAE_SIZES[cfg.vae_size]  # the latents' compression (the VAE itself is not needed)
+        if (cfg.frames - 1) % vae_cfg.temporal_factor:
+            raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {vae_cfg.temporal_factor}*k")
+        self.max_latent_frames = 1 + (cfg.frames - 1) // vae_cfg.temporal_factor
+        self.data = video_data.FeatureDataset(phase_data(cfg), self.max_latent_frames)  # longer clips: cut
+        self.buckets = {T: ids for T, ids in sorted(self.data.buckets.items()) if ids}
+        self.videos = [T for T in self.buckets if T > 1]
+        if cfg.image_ratio < 1 and not self.videos:
+            raise SystemExit(f"error: {phase_data(cfg)} has no video clips (only images); "
+                             f"train on images with --image_ratio=1")
+        self.null = self.data.null_text()                                     # the null caption's features
+        h, w = self.data.latent_size
+        height, width = latent_size(cfg)
+        if (h, w) != (height, width):
+            raise SystemExit(f"error: the latents of {phase_data(cfg)} are {h}x{w}; this run trains at "
+                             f"{cfg.size}x{cfg.frame_width or cfg.size} pixels, {height}x{width} latents "
+                             f"(extract at the run's --size and --frame_width)")
+        try:
+            pf.stage_shape((h, w), K - 1)
+        except ValueError as e:
+            raise SystemExit(f"error: --size={cfg.size}: {e}") from None
+        self.dit_cfg = dit_config(cfg, in_channels=self.data.latent_channels, text_dim=self.data.text_dim,
+                                  pooled_dim=self.data.pooled_dim)
+        self.vae = None
+
+    def model(self):
+        return VideoLoss(dit.TextToVideo(self.dit_cfg, toy_text=False), self.windows, self.cfg.prediction)
+
+    def stages(self, g):
+        """(k, clips) groups of a micro-batch, lowest resolution first: the stage ratio inside the
+        micro-batch when it holds a multiple of the ratio's sum, else one stage drawn with the
+        ratio's weights (a batch of one 768p clip; the ratio then holds over micro-steps and ranks)."""
+        B, K, ratio = self.cfg.batch_size, self.cfg.K, self.ratio
+        if B % sum(ratio) == 0:
+            return [(k, r * B // sum(ratio)) for k, r in zip(range(K - 1, -1, -1), ratio)]
+        j = int(torch.multinomial(torch.tensor(ratio, dtype=torch.float), 1, generator=g))
+        return [(K - 1 - j, B)]
+
+    def draw(self, per, image, g):
+        """Indices of `per` clips of one bucket: the one-frame bucket (or any clip) for images; for
+        video a bucket of clips drawn with weights proportional to its size (every clip as likely)."""
+        if image:
+            pool = self.buckets.get(1) or [j for ids in self.buckets.values() for j in ids]
+        else:
+            sizes = torch.tensor([len(self.buckets[T]) for T in self.videos], dtype=torch.float)
+            pool = self.buckets[self.videos[int(torch.multinomial(sizes, 1, generator=g))]]
+        return [pool[j] for j in torch.randint(len(pool), (per,), generator=g).tolist()]
+
+    def batch(self, g, device):
+        cfg, K = self.cfg, self.cfg.K
+        groups = []
+        for k, per in self.stages(g):
+            image = torch.rand(1, generator=g).item() < cfg.image_ratio
+            b = self.data.batch(self.draw(per, image, g), latent_frames=1 if image else None)
+            i = int(torch.randint(b["latents"].shape[2], (1,), generator=g))   # AR position (latent frame)
+            lat = b["latents"][:, :, :i + 1].to(device)                        # [b, C, i + 1, h, w]
+            history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g,
+                                           max_noise=cfg.history_noise)        # Eq. 16
+            x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)  # Eqs. 6, 9-11
+            drop = torch.rand(per, generator=g) < cfg.caption_dropout
+            real = (b["text"], b["text_mask"], b["pooled"])
+            null = tuple(x.expand(per, *x.shape[1:]) for x in self.null)
+            text = [z.chunk(2) for z in dit.join_text(real, null)]           # (real, null) of text, mask, pooled
+            text = tuple(torch.where(drop.view(-1, *[1] * (r.dim() - 1)), n, r).to(device) for r, n in text)
+            grid = lat.shape[-2:] if cfg.positions == "interpolate" else None
+            groups.append(dict(history=history, x_t=x_t, t=t, target=target, captions=text, stage=k, grid=grid,
+                               tau=pf.model_time(k, t, self.windows)))
+        return dict(groups=groups)
+
+    def extra(self):
+        """What sample.py needs beside the weights: the network's config, and that it takes text
+        features (the frozen encoder is --text_encoder; the VAE --vae_ckpt)."""
+        return dict(dit_config=dataclasses.asdict(self.dit_cfg), vae=None, vae_config=None, text_features=True)
+
+    def finish(self, model, out_dir, device):
+        pass  # samples of real captions need the frozen text encoder and the VAE: sample.py
+
+
+def phase_data(cfg):
+    """The extracted annotation file of this run: --data, or its phase's entry of a comma-separated list."""
+    paths = cfg.data.split(",")
+    if len(paths) == 1:
+        return paths[0]
+    n = len(PHASES.get(cfg.preset, []))
+    if not cfg.phase or len(paths) != n:
+        raise SystemExit(f"error: --data has {len(paths)} paths; give one, or one per phase ({n}) "
+                         f"with --preset={cfg.preset}")
+    return paths[cfg.phase - 1]
+
+
+def latent_size(cfg):
+    """(rows, cols) of the latents of a --size x --frame_width frame under the --vae_size VAE."""
+    s = vae.VAE_SIZES[cfg.vae_size].spatial_factor
+    return cfg.size // s, (cfg.frame_width or cfg.size) // s
+
+
+def video_task(cfg):
+    """A video run on the built-in toy data (Video) or on extracted features of real data (FeatureVideo)."""
+    if not cfg.data:
+        raise SystemExit(f"error: --preset={cfg.preset} trains on extracted features: pass --data=PATH/extracted.jsonl "
+                         f"(made by python train.py --task=extract)")
+    return FeatureVideo(cfg) if phase_data(cfg).endswith(".jsonl") else Video(cfg)
+
+
 def report(net, cfg, vae_model, out_dir, device, seed=1234):
     """End of a video run: sample the evaluation captions with sample.generate, score them
     (toy/evaluate.py), write a grid GIF, a few single videos and report.json next to the
@@ -586,17 +775,10 @@ def data_source(name):
 
 def load_vae(path):
     """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
-    hint = "; train one with python train.py --preset=vae-toy"
-    ck = sample.read_checkpoint(path, "causal-vae", "VAE checkpoint", hint)
-    try:
-        model = vae.CausalVAE(vae.VAEConfig(**ck["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path} is a damaged VAE checkpoint ({type(e).__name__}: {e})")
-    sample.load_weights(model, ck.get("model"), path)
-    return model.eval().requires_grad_(False)
+    return sample.load_vae(path)
 
 
-TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": Video}
+TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": video_task}
 
 
 # -----------------------------------------------------------------------------
@@ -658,8 +840,9 @@ def save_json(path, obj):
 
 
 def run_dir(cfg):
-    """Where a run writes: --out_dir, or out/<preset>."""
-    return cfg.out_dir or os.path.join("out", cfg.preset)
+    """Where a run writes: --out_dir, or out/<preset>; a phase in its phase<N> folder there."""
+    base = cfg.out_dir or os.path.join("out", cfg.preset)
+    return os.path.join(base, f"phase{cfg.phase}") if cfg.phase else base
 
 
 def same_weights(a, b):
@@ -738,6 +921,85 @@ def train_vae_first(cfg, quiet=False):
         resume = cfg.resume and os.path.exists(os.path.join(vae_cfg.out_dir, "ckpt.pt"))
         train(dataclasses.replace(vae_cfg, resume=resume), quiet)
     return dataclasses.replace(cfg, vae_ckpt=vae_path, resume=False)  # no video checkpoint yet: it starts
+
+
+def accumulation(cfg, world):
+    """Micro-steps per optimizer step: --grad_accum, or what reaches --global_batch from the
+    per-process batch and the world size."""
+    if not cfg.global_batch:
+        return cfg.grad_accum
+    per_step = cfg.batch_size * world
+    if cfg.global_batch % per_step:
+        fits = [b for b in range(1, cfg.global_batch // world + 1) if cfg.global_batch % (b * world) == 0]
+        raise SystemExit(f"error: global batch {cfg.global_batch} is not a multiple of --batch_size={cfg.batch_size} "
+                         f"x {world} processes; batch sizes that fit: {', '.join(map(str, fits[-6:])) or 'none'}")
+    return cfg.global_batch // per_step
+
+
+def shard(model, ema, cfg, ddp):
+    """FSDP2 (torch's fully_shard): every MM-DiT block, then the whole module, keeps 1/world of its
+    weights, gradients and AdamW states; a block's weights are gathered only while it runs. The EMA
+    is sharded the same way, so its update stays a per-shard lerp."""
+    if not ddp:
+        raise SystemExit("error: --fsdp=true shards over the processes of torchrun; launch with torchrun")
+    if cfg.task != "video" or cfg.eval_captions:  # the end-of-run report would run the model on rank 0 alone
+        raise SystemExit("error: --fsdp=true is for the video model without an end-of-run report "
+                         "(--eval_captions=0; sample.py samples from the checkpoint)")
+    from torch.distributed.fsdp import fully_shard
+    for module in (model, ema):
+        for block in module.modules():
+            if isinstance(block, dit.MMDiTBlock):
+                fully_shard(block)
+        fully_shard(module)
+
+
+def _full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def module_state(module, fsdp):
+    """A module's state dict; under FSDP its full tensors gathered to rank 0's CPU (a collective:
+    every rank calls it; the others get an empty dict), so a sharded run's checkpoint loads unsharded."""
+    if not fsdp:
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(module, options=_full_state_options(cpu_offload=True))
+
+
+def optimizer_state(model, opt, fsdp):
+    if not fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=_full_state_options(cpu_offload=True))
+
+
+def load_module(module, state, fsdp, path):
+    """Full (unsharded) weights into a module, sharded or not; weights of another shape get one line."""
+    if not fsdp:
+        return sample.load_weights(module, state, path)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(module, state, options=_full_state_options())
+
+
+def load_optimizer(model, opt, state, fsdp, path):
+    if not fsdp:
+        return sample.load_weights(opt, state, path)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=_full_state_options())
+
+
+def start_from(path, model, ema, task, fsdp):
+    """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --init_from={path}: no such checkpoint")
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ck, dict) or ck.get("kind") != "pyramid-flow" or ck.get("task") != task.cfg.task:
+        raise SystemExit(f"error: --init_from={path} is not a {task.cfg.task} checkpoint of this repository")
+    if ck.get("dit_config") != task.extra().get("dit_config"):
+        raise SystemExit(f"error: --init_from={path} holds another network ({ck.get('dit_config')})")
+    load_module(model, ck["model"], fsdp, path)
+    load_module(ema, ck["ema"], fsdp, path)
 
 
 def is_spike(loss, running_mean, factor):
@@ -823,6 +1085,7 @@ def train_locked(cfg, quiet, interrupts):
     if has_vae_phase(cfg):
         cfg = train_vae_first(cfg, quiet)
     ddp, rank, world, device = setup_distributed(cfg)
+    cfg = dataclasses.replace(cfg, grad_accum=accumulation(cfg, world))
     master = rank == 0
     out_dir = run_dir(cfg)
     ckpt_path = check_out_dir(cfg)
@@ -833,6 +1096,8 @@ def train_locked(cfg, quiet, interrupts):
     task = TASKS[cfg.task](cfg)
     model = task.model().to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg.fsdp:
+        shard(model, ema, cfg, ddp)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -840,30 +1105,34 @@ def train_locked(cfg, quiet, interrupts):
     # fused: one kernel for all parameters (on a small model the per-tensor loop is a visible part
     # of a step); resuming restores the optimizer's settings from the checkpoint, as torch does
     params = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))
     step, loss_mean, history = 0, None, []
     if cfg.resume:
-        ck = sample.read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint")
+        # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
+        ck = sample.read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True)
         check_resumed_settings(ck.get("config", {}), cfg, ckpt_path)
-        sample.load_weights(model, ck.get("model"), ckpt_path)
-        sample.load_weights(ema, ck.get("ema"), ckpt_path)
-        sample.load_weights(opt, ck.get("optimizer"), ckpt_path)
+        load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
+        load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
+        load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
         step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
         if not same_weights(ck.get("vae"), task.extra().get("vae")):
             raise SystemExit(f"error: {ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                              f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
-    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    elif cfg.init_from and cfg.init_from != "none":
+        start_from(cfg.init_from, model, ema, task, cfg.fsdp)
+    net = nn.parallel.DistributedDataParallel(model) if ddp and not cfg.fsdp else model
     n_params = sum(p.numel() for p in model.parameters())
     if master and not quiet:
         print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
               f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
 
     def checkpoint():
+        weights = dict(model=module_state(model, cfg.fsdp), ema=module_state(ema, cfg.fsdp),
+                       optimizer=optimizer_state(model, opt, cfg.fsdp))  # under FSDP every rank gathers
         if master:
-            save_checkpoint(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, model=model.state_dict(),
-                                            ema=ema.state_dict(), optimizer=opt.state_dict(),
+            save_checkpoint(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, **weights,
                                             config=dataclasses.asdict(cfg), step=step, loss_mean=loss_mean,
                                             history=history, rng=dict(torch=torch.get_rng_state()),
                                             **task.extra()))
@@ -878,7 +1147,7 @@ def train_locked(cfg, quiet, interrupts):
         total, logs_sum = 0.0, {}
         for micro in range(cfg.grad_accum):
             batch = task.batch(step_generator(cfg, rank, step, micro), device)
-            sync = micro == cfg.grad_accum - 1 or not ddp
+            sync = micro == cfg.grad_accum - 1 or not ddp or cfg.fsdp  # FSDP reduce-scatters every micro-step
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
                 out = net(**batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
@@ -938,10 +1207,125 @@ def train_locked(cfg, quiet, interrupts):
     return history, model
 
 
+# -----------------------------------------------------------------------------
+# The full recipe around the loop: phases, the dry run, feature extraction
+
+def phase_start(cfg):
+    """How a phase starts: its own checkpoint resumes (None if that phase has finished: skip it);
+    else a phase > 1 starts from the previous phase's final weights and EMA, with a fresh optimizer."""
+    ckpt = os.path.join(run_dir(cfg), "ckpt.pt")
+    if os.path.exists(ckpt) and not cfg.overwrite:
+        step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+        if step >= cfg.max_steps:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"phase {cfg.phase}: finished ({step} of {cfg.max_steps} steps in {ckpt}), skipped")
+            return None
+        return dataclasses.replace(cfg, resume=True)
+    if cfg.phase > 1 and not cfg.init_from:
+        previous = os.path.join(run_dir(dataclasses.replace(cfg, phase=cfg.phase - 1)), "ckpt.pt")
+        if not os.path.exists(previous):
+            raise SystemExit(f"error: phase {cfg.phase} starts from phase {cfg.phase - 1}'s checkpoint {previous}, "
+                             f"which does not exist: run --phase={cfg.phase - 1} first (or --init_from=PATH|none)")
+        prev = torch.load(previous, map_location="cpu", weights_only=True, mmap=True)
+        if prev["step"] < prev["config"]["max_steps"]:
+            raise SystemExit(f"error: phase {cfg.phase - 1} stopped at step {prev['step']} of "
+                             f"{prev['config']['max_steps']}: finish it first (--phase={cfg.phase - 1})")
+        return dataclasses.replace(cfg, init_from=previous)
+    return cfg
+
+
+def dry_run(cfg):
+    """--dry_run=true: the model on the meta device (no memory), then the numbers that decide
+    whether a run fits: parameters, tokens per sample, the batch arithmetic, memory per GPU."""
+    world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
+    gpus = f"{world} GPU{'s' if world > 1 else ''}"
+    features = cfg.preset in PHASES or cfg.data.endswith(".jsonl")  # no toy text encoder; VAE latents
+    latent = features or cfg.vae_ckpt or cfg.vae_steps
+    with torch.device("meta"):
+        if cfg.task == "video":
+            channels = vae.VAE_SIZES[cfg.vae_size].latent_channels if latent else 3
+            net_cfg = dit_config(cfg, in_channels=channels)
+            model = dit.TextToVideo(net_cfg, toy_text=not features)
+        else:
+            model = TASKS[cfg.task](cfg).model()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"preset {cfg.preset}" + (f", phase {cfg.phase}" if cfg.phase else "")
+          + f": task {cfg.task}, {gpus}; the model built on the meta device, nothing allocated")
+    print(f"params: {n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"params: {n:,} ({n / 1e6:.2f}M)")
+    tokens, width, depth = 0, 0, 0
+    if cfg.task == "video":
+        s = vae.VAE_SIZES[cfg.vae_size] if latent else vae.VAEConfig(spatial_factor=1, temporal_factor=1)
+        h, w = cfg.size // s.spatial_factor, (cfg.frame_width or cfg.size) // s.spatial_factor
+        T, p = 1 + (cfg.frames - 1) // s.temporal_factor, net_cfg.patch_size
+        tokens = pf.pyramid_tokens(h, w, T, 0, cfg.K, p)
+        print(f"tokens per sample: pyramid {tokens:,} vs full-sequence {pf.full_sequence_tokens(h, w, T, p):,} "
+              f"(the last of {T} latent frames of {cfg.size}x{cfg.frame_width or cfg.size}: {h}x{w} latents, "
+              f"patch {p}, K = {cfg.K}, at full resolution)")
+        tokens += T5_TOKENS if features else model.text_encoder.max_len
+        width, depth = net_cfg.width, net_cfg.depth
+    accum = accumulation(cfg, world)
+    print(f"global batch {cfg.batch_size * world * accum} = {cfg.batch_size} per GPU x {gpus} x {accum} "
+          f"accumulation step{'s' if accum > 1 else ''}")
+    states = n * STATE_BYTES_PER_PARAM / 1e9
+    kept = BLOCK_INPUT_BYTES * depth + BLOCK_BYTES if cfg.grad_checkpointing else BLOCK_BYTES * depth
+    acts = cfg.batch_size * tokens * width * kept / 1e9
+    print(f"memory per GPU (an estimate): DDP {states + acts:.1f} GB = {states:.1f} GB weights, gradients, AdamW "
+          f"and EMA in fp32 + ~{acts:.1f} GB activations; FSDP over {gpus} {states / world + acts:.1f} GB "
+          f"= {states / world:.1f} + ~{acts:.1f} GB")
+    how = (f"{BLOCK_INPUT_BYTES} x {depth} blocks' inputs kept by grad checkpointing + {BLOCK_BYTES} in the block "
+           f"being recomputed" if cfg.grad_checkpointing else f"{BLOCK_BYTES} x {depth} blocks")
+    print(f"  activations: {cfg.batch_size} x {tokens:,} tokens (text included) x width {width} x bytes per "
+          f"value ({how}), rough; bf16 weight copies under autocast add up to {n * 2 / 1e9:.1f} GB")
+
+
+STATE_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weight, gradient, AdamW's two moments, EMA
+BLOCK_INPUT_BYTES = 4  # a block's input: the residual stream stays fp32 under autocast
+BLOCK_BYTES = 40  # bf16 values per token and channel inside a block (qkv, q/k norms, attention, MLP 4x, modulation)
+T5_TOKENS = 128  # text tokens of a caption (T5, padded)
+
+
+def extract(cfg):
+    """--task=extract: latents (the --vae_ckpt VAE) and text features (the --text_encoder encoder)
+    of --data (a .jsonl annotation file or a folder) at the run's --size, --frame_width, --frames and
+    --fps into --out_dir, sharded over the torchrun ranks; rank 0 then writes out_dir/extracted.jsonl."""
+    import video_data
+    if not cfg.out_dir:
+        raise SystemExit("error: --task=extract writes into --out_dir=PATH; name the folder")
+    if not cfg.vae_ckpt or not cfg.text_encoder:
+        raise SystemExit("error: --task=extract needs --vae_ckpt=PATH and --text_encoder=SPEC (minilm | hf:PATH | "
+                         "t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR)")
+    if cfg.preset in PHASES and not cfg.phase:
+        raise SystemExit(f"error: each phase of {cfg.preset} has its resolution and clip length: pass --phase=N")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ddp, rank, world, device = setup_distributed(cfg)
+    entries = video_data.load_entries(cfg.data)
+    vae_model = load_vae(cfg.vae_ckpt).to(device)
+    encoder = dit.load_text_encoder(cfg.text_encoder, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    encoder = encoder.to(device)  # T5-XXL is 4.7B parameters: bf16 on a GPU, as the features are stored
+    video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size, cfg.frames,
+                       rank=rank, world=world, progress=rank == 0, fps=cfg.fps or None)
+    if ddp:
+        torch.distributed.barrier()  # every shard is written
+    if rank == 0:
+        print(f"wrote {video_data.merge_shards(cfg.out_dir, world)}")
+
+
 def main(argv):
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        runs = [cfg]
+        if cfg.preset in PHASES and not cfg.phase and cfg.task != "extract":  # every phase in order
+            runs = [parse_args(list(argv) + [f"--phase={n}"]) for n in range(1, len(PHASES[cfg.preset]) + 1)]
+        for run in runs:
+            if run.dry_run:
+                dry_run(run)
+            elif run.task == "extract":
+                extract(run)
+            else:
+                start = phase_start(run) if run.phase else run
+                if start is not None:
+                    train(start)
     except KeyboardInterrupt:  # outside the steps (data set, report): the last checkpoint is whole
         raise SystemExit(f"interrupted; the last checkpoint in {run_dir(cfg)} (if any) is complete: "
                          f"continue with the same command and --resume=true") from None

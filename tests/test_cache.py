@@ -193,7 +193,7 @@ def test_max_history_at_least_the_frame_count_changes_nothing():
 
 def test_sample_command_line_takes_cache_and_max_history(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(sample, "load", lambda path, device: (make_net(), run_config(frames=3), None))
+    monkeypatch.setattr(sample, "load", lambda path, device, **kw: (make_net(), run_config(frames=3), None))
     monkeypatch.setattr(sample, "generate", lambda *a, **kw: seen.update(kw) or torch.zeros(1, 3, 3, SIDE, SIDE))
     out = str(tmp_path / "v.gif")
     sample.main(["--ckpt=" + __file__, "--prompt=a red circle", f"--out={out}", "--cache=false", "--max_history=2"])
