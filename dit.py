@@ -414,10 +414,10 @@ class TextToVideo(nn.Module):
         text, mask, pooled = self.text_encoder(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, all_frames: bool = False):
         if guidance == 1.0:
-            return self(frames, captions, t, grid=grid)
+            return self(frames, captions, t, all_frames=all_frames, grid=grid)
         B = len(captions)
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
-        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), grid=grid).chunk(2)
+        v_c, v_u = self(both, list(captions) + [""] * B, torch.cat([t, t]), all_frames, grid).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG

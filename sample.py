@@ -68,13 +68,16 @@ def latent_frames(frames, vae, what=None):
 def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu"):
     """velocity(history, x, k, t) of a trained checkpoint for pf.sample_video: the network at the
     run's model time, with CFG (`guidance` for the first frame, `video_guidance` once there is
-    history), turned into a velocity if the run predicts the clean frame (--prediction=x)."""
+    history), turned into a velocity if the run predicts the clean frame (--prediction=x).
+    A full-sequence run's x is the whole clip [B, C, T, h, w], with no history and `guidance`."""
     windows, B = pf.stage_windows(cfg["K"]), len(captions)
+    all_frames = cfg.get("full_sequence", False)
 
     def velocity(history, x, k, t):
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
         w = guidance if not history else video_guidance  # no history: the first frame
-        out = net.guided(history + [x], captions, tau, w, grid=grid)  # CFG is linear, so it may act on x too
+        frames = list(x.unbind(2)) if all_frames else history + [x]
+        out = net.guided(frames, captions, tau, w, grid=grid, all_frames=all_frames)  # CFG is linear: x too
         if cfg.get("prediction", "v") == "x":
             return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
         return out
@@ -107,8 +110,15 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)
-    z = pf.sample_video(velocity, (B, C, side, side), T, windows, steps, steps_later, prefix=prefix,
-                        generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1))
+    if cfg.get("full_sequence"):  # the Fig. 8 baseline: Algorithm 1 with K = 1 over the whole clip at once
+        if prefix is not None:
+            fail("a full-sequence checkpoint generates whole clips; it takes no --image or --video")
+        z = pf.sample(lambda x, k, t: velocity([], x, k, t), (B, C, T, side, side), windows, steps, gen,
+                      device=device)
+        bar.update(T)
+    else:
+        z = pf.sample_video(velocity, (B, C, side, side), T, windows, steps, steps_later, prefix=prefix,
+                            generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1))
     bar.close()
     video = vae.decode(vae.denormalize(z)) if vae is not None else z
     if given is not None:  # the given frames stay exactly as given (a VAE round trip would blur them)
