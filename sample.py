@@ -86,11 +86,12 @@ def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, devi
 
 @torch.no_grad()
 def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=None, steps_later=None,
-             guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True):
+             guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True, watch=None):
     """Pixel videos [B, 3, frames, H, W] in [-1, 1] for `captions`; `prefix` [B, 3, P, H, W] holds
     given first frames (image-to-video, continuation). Unset options take the run's settings (the
     steps and guidance of its end-of-training report); the command line passes the release's step
-    counts and leaves the guidance to the run."""
+    counts and leaves the guidance to the run. watch(x, k, t), if given, sees every state the
+    network is called on (toy/renoise.py measures the latents right after a jump with it)."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
     steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k
@@ -107,6 +108,12 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
 
     grid = (side, side) if cfg.get("positions") == "interpolate" else None
     velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device)
+    if watch is not None:
+        network = velocity
+
+        def velocity(history, x, k, t):
+            watch(x, k, t)
+            return network(history, x, k, t)
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)

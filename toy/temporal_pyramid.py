@@ -1,0 +1,84 @@
+"""
+Sec. 4.4 / Fig. 8 at laptop scale: the temporal pyramid (autoregressive training on one frame at a
+time, its history compressed as Eq. 16) against full-sequence video flow matching (the whole clip
+noisy at one t, bidirectional attention, K = 1, every frame in the loss: train.py --full_sequence).
+Both train the quick start's recipe (shapes text-to-video, 9 frames = 5 latent frames of 8 x 8 x 4
+from the toy VAE, patch 2, the MM-DiT of width 128, a quarter of the clips images) with the same
+data set, seed, batch (48) and steps. The pyramid is the quick start itself (K = 2, stages 1:2,
+10 + 10 Euler steps for the first frame, 5 + 5 for later ones); the full sequence samples the clip
+with pf.sample at K = 1 in 20 Euler steps. Every --every steps both sample the captions (--seeds)
+and are scored by toy/evaluate.py.
+
+    python toy/temporal_pyramid.py [--every=100] [--seeds=1] [--key=value ...]   # train.py settings
+    python toy/temporal_pyramid.py --quick                                        # seconds (tests)
+
+Budget: 800 steps of 48 clips per arm (38,400 clips), about 20 minutes on an idle 2-core CPU
+with the VAE (trained once into out/experiments/vae, about 4 of them; NOTES-experiments.md).
+Prints the scores along the way, then a table: tokens per training sample of a video clip (the
+mean over AR positions and stages for the pyramid), seconds per training step measured in this
+run, and the scores (direction, size kept, consistency, colour, shape, pixel Frechet distance) at
+equal steps (both at the end) and at equal wall time (the full sequence's last evaluation within
+the pyramid's training time). Writes out/experiments/temporal_pyramid/temporal_pyramid.png.
+"""
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dit  # noqa: E402
+import pyramid_flow as pf  # noqa: E402
+from toy import experiment as ex  # noqa: E402
+
+OWN = dict(every=100, seeds="1", captions=48)
+SETTINGS = dict(max_steps=800)
+FULL = dict(full_sequence=True, K=1, causal=False, stage_ratio="1", sample_steps="20", sample_steps_later="20")
+QUICK = dict(max_steps=4, frames=5)
+KEYS = ("direction", "size_kept", "consistency", "colour", "shape", "frechet")
+
+
+def tokens_per_clip(cfg, vae):
+    """Tokens the DiT sees for one training sample of a video clip: the whole clip for the full
+    sequence; for the pyramid the mean over AR positions i (uniform) and stages (in the stage
+    ratio) of the current frame plus its compressed history (pf.pyramid_tokens)."""
+    side = cfg.size // (vae.cfg.spatial_factor if vae else 1)
+    T = 1 + (cfg.frames - 1) // (vae.cfg.temporal_factor if vae else 1)
+    patch = cfg.patch or dit.SIZES[cfg.model].patch_size
+    if cfg.full_sequence:
+        return pf.full_sequence_tokens(side, side, T, patch)
+    ratio = [int(r) for r in cfg.stage_ratio.split(",")]  # lowest resolution first
+    per_stage = [sum(pf.pyramid_tokens(side, side, i + 1, k, cfg.K, patch) for i in range(T)) / T
+                 for k in range(cfg.K - 1, -1, -1)]
+    return sum(r * n for r, n in zip(ratio, per_stage)) / sum(ratio)
+
+
+def main(argv):
+    run = ex.setup(argv, "temporal_pyramid", OWN, SETTINGS, QUICK)
+    arms = {f"temporal pyramid (K = {run.cfg.K})": run.cfg,
+            "full sequence": dataclasses.replace(run.cfg, **FULL)}
+    curves = ex.run_arms(arms, run.out, run.opts["every"], run.vae, run.captions, run.seeds, run.quick)
+    (pyr_name, pyr), (full_name, full) = curves.items()
+    tokens = {n: tokens_per_clip(cfg, run.vae) for n, cfg in arms.items()}
+    equal_time = pyr["seconds"][-1]
+    print(f"\nequal steps: both after {pyr['steps'][-1]} steps")
+    ex.print_table(["arm", "tokens/clip", "s/step", "train s", *KEYS],
+                   [(n, f"{tokens[n]:.1f}", c["step_seconds"], f"{c['seconds'][-1]:.0f}",
+                     *(c["scores"][-1][k] for k in KEYS)) for n, c in curves.items()])
+    steps_then = [s for s, t in zip(full["steps"], full["seconds"]) if t <= equal_time]
+    print(f"\nequal wall time: {equal_time:.0f} s of training (the pyramid's all, the full sequence's "
+          f"last evaluation within it: step {steps_then[-1] if steps_then else '-'})")
+    ex.print_table(["arm", "steps", *KEYS],
+                   [(pyr_name, pyr["steps"][-1], *(pyr["scores"][-1][k] for k in KEYS)),
+                    (full_name, steps_then[-1] if steps_then else None,
+                     *(ex.value_at(full, k, equal_time, "seconds") for k in KEYS))])
+    lines = lambda axis, key: {n: (c[axis], [s[key] for s in c["scores"]]) for n, c in curves.items()}  # noqa: E731
+    ex.plot(os.path.join(run.out, "temporal_pyramid.png"), [
+        ("curves", "consistency vs steps", "steps", "consistency", lines("steps", "consistency")),
+        ("curves", "consistency vs training time", "seconds", "consistency", lines("seconds", "consistency")),
+        ("curves", "direction vs training time", "seconds", "direction accuracy", lines("seconds", "direction")),
+        *[("image", f"{n}: first | last frame", ex.thumbnails(c["videos"])) for n, c in curves.items()]],
+        title="Fig. 8 analogue: temporal pyramid vs full-sequence training (shapes videos)")
+    return curves, tokens
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
