@@ -20,8 +20,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dit  # noqa: E402
+import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+import vae as vae_module  # noqa: E402
 from toy import data, evaluate  # noqa: E402
 
 EXPERIMENTS_DIR = os.path.join("out", "experiments")  # the shared VAE in vae/, each script in its folder
@@ -192,6 +195,23 @@ def run_arms(arms, out, every, vae, captions, seeds, quiet=False):
             return scores
         curves[name] = train_and_evaluate(arm, every, evaluate_fn, quiet=quiet) | last
     return curves
+
+
+def tokens_per_clip(cfg):
+    """Tokens the DiT sees for one training sample of a video clip of cfg.frames frames: the whole
+    clip for the full sequence; for the pyramid the mean over AR positions i (uniform) and stages
+    (in the stage ratio) of the current frame plus its compressed history (pf.pyramid_tokens)."""
+    latent = cfg.vae_ckpt or cfg.vae_steps > 0  # the tiny recipe's VAE (vae_size), or pixels
+    factors = vae_module.VAE_SIZES[cfg.vae_size] if latent else None
+    side = cfg.size // (factors.spatial_factor if latent else 1)
+    T = 1 + (cfg.frames - 1) // (factors.temporal_factor if latent else 1)
+    patch = cfg.patch or dit.SIZES[cfg.model].patch_size
+    if cfg.full_sequence:
+        return pf.full_sequence_tokens(side, side, T, patch)
+    ratio = [int(r) for r in cfg.stage_ratio.split(",")]  # lowest resolution first
+    per_stage = [sum(pf.pyramid_tokens(side, side, i + 1, k, cfg.K, patch) for i in range(T)) / T
+                 for k in range(cfg.K - 1, -1, -1)]
+    return sum(r * n for r, n in zip(ratio, per_stage)) / sum(ratio)
 
 
 def value_at(curve, key, when, axis="steps"):

@@ -25,8 +25,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dit  # noqa: E402
-import pyramid_flow as pf  # noqa: E402
 from toy import experiment as ex  # noqa: E402
 
 OWN = dict(every=100, seeds="1", captions=48)
@@ -36,28 +34,13 @@ QUICK = dict(max_steps=4, frames=5)
 KEYS = ("direction", "size_kept", "consistency", "colour", "shape", "frechet")
 
 
-def tokens_per_clip(cfg, vae):
-    """Tokens the DiT sees for one training sample of a video clip: the whole clip for the full
-    sequence; for the pyramid the mean over AR positions i (uniform) and stages (in the stage
-    ratio) of the current frame plus its compressed history (pf.pyramid_tokens)."""
-    side = cfg.size // (vae.cfg.spatial_factor if vae else 1)
-    T = 1 + (cfg.frames - 1) // (vae.cfg.temporal_factor if vae else 1)
-    patch = cfg.patch or dit.SIZES[cfg.model].patch_size
-    if cfg.full_sequence:
-        return pf.full_sequence_tokens(side, side, T, patch)
-    ratio = [int(r) for r in cfg.stage_ratio.split(",")]  # lowest resolution first
-    per_stage = [sum(pf.pyramid_tokens(side, side, i + 1, k, cfg.K, patch) for i in range(T)) / T
-                 for k in range(cfg.K - 1, -1, -1)]
-    return sum(r * n for r, n in zip(ratio, per_stage)) / sum(ratio)
-
-
 def main(argv):
     run = ex.setup(argv, "temporal_pyramid", OWN, SETTINGS, QUICK)
     arms = {f"temporal pyramid (K = {run.cfg.K})": run.cfg,
             "full sequence": dataclasses.replace(run.cfg, **FULL)}
     curves = ex.run_arms(arms, run.out, run.opts["every"], run.vae, run.captions, run.seeds, run.quick)
     (pyr_name, pyr), (full_name, full) = curves.items()
-    tokens = {n: tokens_per_clip(cfg, run.vae) for n, cfg in arms.items()}
+    tokens = {n: ex.tokens_per_clip(cfg) for n, cfg in arms.items()}
     equal_time = pyr["seconds"][-1]
     print(f"\nequal steps: both after {pyr['steps'][-1]} steps")
     ex.print_table(["arm", "tokens/clip", "s/step", "train s", *KEYS],
