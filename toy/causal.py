@@ -12,9 +12,10 @@ takes (no KV cache here, so causality saves no compute at sampling: both run the
     python toy/causal.py [--every=200] [--seeds=1,2] [--key=value ...]   # train.py settings
     python toy/causal.py --quick                                         # seconds (tests)
 
-Budget: 1000 steps of 48 clips per arm (48,000 clips, the quick start's token count a step),
-about 20 minutes on an idle 2-core CPU with the VAE (trained once into out/experiments/vae, about
-4 of them; NOTES-experiments.md). Prints the scores along the way, then a table of the final
+Budget: 1000 steps of 48 clips per arm (48,000 clips, the quick start's tokens a step), 5
+evaluations of 2 x 48 videos per arm; about 17 minutes on an idle 2-core CPU, the shared VAE
+included (out/experiments/vae, about 3.5 of them, trained by the first experiment run; the
+estimate is in NOTES-experiments.md). Prints the scores along the way, then a table of the final
 scores, training seconds a step and sampling seconds per seed (48 videos); writes
 out/experiments/causal/causal.png (consistency against steps, the final samples' first and last
 frames).

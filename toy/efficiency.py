@@ -18,7 +18,7 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
        (--full_sequence) on 16-frame pixel clips of 32 x 32 (patch 2: 256 tokens a frame,
        4,096 for the clip), both video only, from a data set made once.
 
-    python toy/efficiency.py [--threads=N]   # at most 10 minutes on a 2-core CPU (NOTES-experiments.md)
+    python toy/efficiency.py [--threads=N]   # about 3 minutes on an idle 2-core CPU (NOTES-experiments.md)
     python toy/efficiency.py --quick         # seconds (tests): tiny sizes, the same code
 
 Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, best of 3 timed

@@ -20,7 +20,7 @@ saw in training; the paper shows blur and block artefacts. Measured here:
 start's recipe (--steps steps, trained into out/experiments/renoise/model, reused next time;
 train.py settings --key=value apply to it). Budget: sampling 48 captions x 2 seeds x 2 ways
 (about a minute on an idle 2-core CPU); with no checkpoint, plus 600 training steps of 48 clips
-(about 3 minutes) and the shared VAE (about 4, once; NOTES-experiments.md). Prints one table;
+(about 3 minutes) and the shared VAE (about 3.5, once): 8 minutes at most (NOTES-experiments.md). Prints one table;
 writes out/experiments/renoise/renoise.png (the two grids side by side: first | last frame).
 """
 import dataclasses

@@ -12,8 +12,9 @@ and are scored by toy/evaluate.py.
     python toy/temporal_pyramid.py [--every=100] [--seeds=1] [--key=value ...]   # train.py settings
     python toy/temporal_pyramid.py --quick                                        # seconds (tests)
 
-Budget: 800 steps of 48 clips per arm (38,400 clips), about 20 minutes on an idle 2-core CPU
-with the VAE (trained once into out/experiments/vae, about 4 of them; NOTES-experiments.md).
+Budget: 800 steps of 48 clips per arm (38,400 clips), 8 evaluations of 48 videos per arm; about
+16 minutes on an idle 2-core CPU, the shared VAE included (out/experiments/vae, about 3.5 of them,
+trained by the first experiment run; the estimate is in NOTES-experiments.md).
 Prints the scores along the way, then a table: tokens per training sample of a video clip (the
 mean over AR positions and stages for the pyramid), seconds per training step measured in this
 run, and the scores (direction, size kept, consistency, colour, shape, pixel Frechet distance) at
