@@ -134,12 +134,12 @@ def main(argv):
     out = os.path.join(ex.EXPERIMENTS_DIR, "efficiency")
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key == "--threads":
+        if key == "--threads" and value.isdigit() and int(value) > 0:
             torch.set_num_threads(int(value))
         elif key == "--out_dir":
             out = value
         elif arg != "--quick":
-            raise SystemExit(f"error: unexpected argument {arg!r}; options: --quick --threads=N --out_dir=PATH")
+            raise SystemExit(f"error: unexpected argument {arg!r}; options: --quick --threads=N (N > 0) --out_dir=PATH")
     print("tokens to train the last latent frame at full resolution (temporal pyramid, k = 0) vs the whole clip")
     ex.print_table(["setting", "latent frame", "latent frames", "full sequence", "temporal pyramid", "ratio"],
                    token_table())

@@ -30,10 +30,8 @@ from toy import data, evaluate  # noqa: E402
 EXPERIMENTS_DIR = os.path.join("out", "experiments")  # the shared VAE in vae/, each script in its folder
 # --quick: a one-layer model, a 2-step VAE and a data set of 12 clips; seconds, for the tests
 QUICK = dict(width=32, depth=1, heads=1, vae_steps=2, data_pool=12, batch_size=12, warmup_steps=1, log_every=2)
-THUMBNAIL = 8  # px pooled into one feature of the pixel Frechet distance: 32 px frames -> 4 x 4 x 3
-
-
 QUICK_OPTIONS = dict(every=2, seeds="1", captions=4)  # the shared options' values under --quick
+THUMBNAIL = 8  # px pooled into one feature of the pixel Frechet distance: 32 px frames -> 4 x 4 x 3
 
 
 def parse(argv, own, script_defaults, quick_defaults):
@@ -73,13 +71,17 @@ def setup(argv, name, own, script_defaults, quick_defaults):
     """parse, then the shared VAE (trained if needed), the evaluation captions and seeds (own
     options `captions` and `seeds`, if the script has them)."""
     cfg, opts, quick = parse(argv, own, script_defaults, quick_defaults)
+    if cfg.data != "shapes":
+        raise SystemExit(f"error: the experiments score shapes videos (toy/evaluate.py), not --data={cfg.data}")
+    if opts.get("every", 1) < 1:
+        raise SystemExit(f"error: --every={opts['every']} must be at least 1")
     out = cfg.out_dir or os.path.join(EXPERIMENTS_DIR, name)
     cfg = with_vae(cfg, cfg.out_dir or EXPERIMENTS_DIR, quiet=quick)
     try:
         seeds = [int(v) for v in str(opts.get("seeds", "1")).split(",")]
     except ValueError:
         raise SystemExit(f"error: --seeds wants integers separated by commas, got {opts['seeds']!r}") from None
-    return Setup(cfg, opts, quick, out, load_vae(cfg), captions_for(cfg, opts.get("captions", 48)), seeds)
+    return Setup(cfg, opts, quick, out, load_vae(cfg), captions_for(opts.get("captions", 48)), seeds)
 
 
 def with_vae(cfg, vae_home, quiet=False):
@@ -96,9 +98,9 @@ def load_vae(cfg):
     return train.load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
 
 
-def captions_for(cfg, n):
-    pool = data.SHAPE_CAPTIONS if cfg.data == "shapes" else data.DIGIT_CAPTIONS
-    return [pool[i % len(pool)] for i in range(n)]
+def captions_for(n):
+    """The first n of the 48 shapes captions (cycling): the experiments score shapes videos."""
+    return [data.SHAPE_CAPTIONS[i % len(data.SHAPE_CAPTIONS)] for i in range(n)]
 
 
 def pixel_frechet(videos, reference):

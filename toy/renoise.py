@@ -28,7 +28,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyramid_flow as pf  # noqa: E402
@@ -72,7 +71,7 @@ def checkpoint(argv):
 
 def sample_both(net, cfg, vae, captions, seeds):
     """Per way (renoise on, off): mean scores, block shares and the first seed's videos."""
-    jump_levels = 1  # one jump halves the resolution once
+    jump_levels = 1  # every jump doubles the resolution: its blocks are 2 x 2
     pixel_levels = jump_levels + int(np.log2(vae.cfg.spatial_factor)) if vae is not None else jump_levels
     results = {}
     for renoise in (True, False):
@@ -97,7 +96,9 @@ def main(argv):
     net, cfg, vae = sample.load(path)
     if cfg["K"] < 2:
         raise SystemExit(f"error: {path} has K = 1: no jump to renoise at")
-    captions = ex.captions_for(train.Config(**cfg), opts["captions"])
+    if cfg["data"] != "shapes":
+        raise SystemExit(f"error: {path} was trained on {cfg['data']}; the scores here are for shapes")
+    captions = ex.captions_for(opts["captions"])
     seeds = [int(s) for s in str(opts["seeds"]).split(",")]
     results, real_share, pixel_levels = sample_both(net, cfg, vae, captions, seeds)
     print(f"\n{path}: K = {cfg['K']}, {len(captions)} captions x {len(seeds)} seeds, sample steps "
