@@ -42,9 +42,9 @@ def main(argv):
     ex.print_table(["attention", *KEYS, "train s/step", "sample s"],
                    [(n, *(c["scores"][-1][k] for k in KEYS), c["step_seconds"], c["sample_seconds"])
                     for n, c in curves.items()])
-    lines = {n: (c["steps"], [s["consistency"] for s in c["scores"]]) for n, c in curves.items()}
     ex.plot(os.path.join(run.out, "causal.png"), [
-        ("curves", "consistency vs steps", "steps", "consistency", lines),
+        ("curves", "consistency vs steps", "steps", "consistency",
+         ex.series(curves, "steps", "consistency")),
         *[("image", f"{n}: first | last frame", ex.thumbnails(c["videos"])) for n, c in curves.items()]],
         title="Fig. 11 analogue: blockwise-causal vs bidirectional attention (shapes videos)")
     return curves

@@ -216,6 +216,11 @@ def tokens_per_clip(cfg):
     return sum(r * n for r, n in zip(ratio, per_stage)) / sum(ratio)
 
 
+def series(curves, axis, key):
+    """{arm: (steps or seconds, that score)} of each curve, for a "curves" panel of plot."""
+    return {name: (c[axis], [s[key] for s in c["scores"]]) for name, c in curves.items()}
+
+
 def value_at(curve, key, when, axis="steps"):
     """The score of the last evaluation at or before `when` on `axis` (steps or seconds); None if none."""
     seen = [s[key] for x, s in zip(curve[axis], curve["scores"]) if x <= when]

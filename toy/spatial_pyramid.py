@@ -69,11 +69,13 @@ def report(curves, out):
                     "single s", "pyramid s", "time ratio"], rows)
     print("(steps and seconds to reach the single stage's final value; ratio = single / pyramid, "
           "'-': never reached)")
-    lines = lambda axis, key: {n: (c[axis], [s[key] for s in c["scores"]]) for n, c in curves.items()}  # noqa: E731
     ex.plot(os.path.join(out, "spatial_pyramid.png"), [
-        ("curves", "Frechet distance (thumbnails) vs steps", "steps", "Frechet distance", lines("steps", "frechet")),
-        ("curves", "Frechet distance vs training time", "seconds", "Frechet distance", lines("seconds", "frechet")),
-        ("curves", "shape accuracy vs steps", "steps", "shape accuracy", lines("steps", "shape")),
+        ("curves", "Frechet distance (thumbnails) vs steps", "steps", "Frechet distance",
+         ex.series(curves, "steps", "frechet")),
+        ("curves", "Frechet distance vs training time", "seconds", "Frechet distance",
+         ex.series(curves, "seconds", "frechet")),
+        ("curves", "shape accuracy vs steps", "steps", "shape accuracy",
+         ex.series(curves, "steps", "shape")),
         *[("image", f"{n}: final samples", ex.thumbnails(c["videos"])) for n, c in curves.items()]],
         title="Fig. 7 analogue: spatial pyramid vs single-stage flow matching (text-to-image shapes)")
 

@@ -54,11 +54,13 @@ def main(argv):
                    [(pyr_name, pyr["steps"][-1], *(pyr["scores"][-1][k] for k in KEYS)),
                     (full_name, steps_then[-1] if steps_then else None,
                      *(ex.value_at(full, k, equal_time, "seconds") for k in KEYS))])
-    lines = lambda axis, key: {n: (c[axis], [s[key] for s in c["scores"]]) for n, c in curves.items()}  # noqa: E731
     ex.plot(os.path.join(run.out, "temporal_pyramid.png"), [
-        ("curves", "consistency vs steps", "steps", "consistency", lines("steps", "consistency")),
-        ("curves", "consistency vs training time", "seconds", "consistency", lines("seconds", "consistency")),
-        ("curves", "direction vs training time", "seconds", "direction accuracy", lines("seconds", "direction")),
+        ("curves", "consistency vs steps", "steps", "consistency",
+         ex.series(curves, "steps", "consistency")),
+        ("curves", "consistency vs training time", "seconds", "consistency",
+         ex.series(curves, "seconds", "consistency")),
+        ("curves", "direction vs training time", "seconds", "direction accuracy",
+         ex.series(curves, "seconds", "direction")),
         *[("image", f"{n}: first | last frame", ex.thumbnails(c["videos"])) for n, c in curves.items()]],
         title="Fig. 8 analogue: temporal pyramid vs full-sequence training (shapes videos)")
     return curves, tokens
