@@ -21,9 +21,10 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
     python toy/efficiency.py [--threads=N]   # about 3 minutes on an idle 2-core CPU (NOTES-experiments.md)
     python toy/efficiency.py --quick         # seconds (tests): tiny sizes, the same code
 
-Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, best of 3 timed
-runs each; (b) a 2-layer MM-DiT of width 192, batch 4, 2 warm-up and 6 (full sequence) or 24
-(pyramid) timed steps. Prints the token table, the measured times, and ends with exactly two lines:
+Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, the best of 3
+timed runs of each, alternated (a drifting machine slows both alike); (b) a 2-layer MM-DiT of
+width 192, batch 4, 2 warm-up and 6 (full sequence) or 24 (pyramid) timed steps, one arm after the
+other. Prints the token table, the measured times, and ends with exactly two lines:
     sampling time ratio, spatial pyramid / single stage: R
     training step time ratio, temporal pyramid / full sequence: R
 """
@@ -77,15 +78,17 @@ def paper_formula_tokens():
     return level(0) + level(0) + level(1) + (PAPER["frames"] - 3) * level(PAPER["K"])
 
 
-def time_best(fn, repeats):
-    """The best of `repeats` timed calls of fn (after one untimed warm-up call)."""
-    fn()
-    times = []
+def time_pair(fa, fb, repeats):
+    """The best of `repeats` timed calls of fa and of fb, alternated (a machine whose speed drifts
+    then slows both alike), after one untimed warm-up call of each."""
+    fa(), fb()
+    times = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, seen in zip((fa, fb), times):
+            t0 = time.perf_counter()
+            fn()
+            seen.append(time.perf_counter() - t0)
+    return min(times[0]), min(times[1])
 
 
 def sampling_ratio(s):
@@ -103,9 +106,7 @@ def sampling_ratio(s):
             return net([x], captions, torch.full((s["batch"],), pf.model_time(k, t, windows)))
         pf.sample(velocity, shape, windows, steps, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        pyramid = time_best(lambda: run(3, s["steps"]), s["repeats"])
-        single = time_best(lambda: run(1, 3 * s["steps"]), s["repeats"])
-    return pyramid, single
+        return time_pair(lambda: run(3, s["steps"]), lambda: run(1, 3 * s["steps"]), s["repeats"])
 
 
 def step_seconds(cfg, warm):
