@@ -37,6 +37,14 @@ def test_spatial_pyramid_against_single_stage(tmp_path, vae_ckpt, capsys):
     assert curves["single stage (K = 1)"]["steps"] == [2, 4]  # evaluated along the way (--every=2)
 
 
+def test_equal_tokens_grows_the_pyramids_batch_to_the_baselines_tokens():
+    cfg, _, _ = experiment.parse([], spatial_pyramid.OWN, spatial_pyramid.SETTINGS, {})
+    single, pyramid = spatial_pyramid.arms(cfg, equal_tokens=True).values()
+    assert single.batch_size == 24 and pyramid.batch_size == 60  # 24 x 64 tokens = 1536; 60 x 25 = 1500
+    assert experiment.tokens_per_clip(single) == 64 and experiment.tokens_per_clip(pyramid) == 25
+    assert [a.batch_size for a in spatial_pyramid.arms(cfg).values()] == [24, 24]
+
+
 def test_temporal_pyramid_against_full_sequence(tmp_path, vae_ckpt, capsys):
     curves, tokens = temporal_pyramid.main(quick(tmp_path, vae_ckpt))
     same_budget(curves)

@@ -10,7 +10,13 @@ scored: colour and shape accuracy (toy/evaluate.py) and a Frechet distance of 4 
 thumbnails to real images (toy/experiment.pixel_frechet; lower is better).
 
     python toy/spatial_pyramid.py [--every=150] [--seeds=1,2] [--key=value ...]   # train.py settings
+    python toy/spatial_pyramid.py --equal_tokens=true    # the paper's setting: equal tokens a batch
     python toy/spatial_pyramid.py --quick                                          # seconds (tests)
+
+By default both arms take the same batch (the pyramid's steps are then cheaper: the wall-time
+axis shows the saving). The paper compares at equal tokens per batch, so its pyramid sees more
+images a step: --equal_tokens=true grows the pyramid's batch to 60 images (about 1,500 tokens,
+as the baseline's 24 x 64), at about the baseline's cost a step (about 2 more minutes).
 
 Budget: 1200 steps of 24 images per arm (28,800 images; the baseline sees 64 tokens an image, the
 pyramid (1 x 4 + 2 x 16 + 1 x 64) / 4 = 25 on average), 8 evaluations of 96 images per arm; about
@@ -29,7 +35,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toy import experiment as ex  # noqa: E402
 
-OWN = dict(every=150, seeds="1,2", captions=48)
+OWN = dict(every=150, seeds="1,2", captions=48, equal_tokens=False)
 SETTINGS = dict(frames=1, image_ratio=1.0,  # text-to-image: every clip is one frame
                 patch=1,                   # 64 tokens of 8 x 8 latents: room for three levels
                 batch_size=24, max_steps=1200,  # half the quick start's batch: steps matter more (toy/README.md)
@@ -40,15 +46,21 @@ QUICK = dict(max_steps=4)
 METRICS = (("frechet", False), ("shape", True), ("colour", True))  # (score, higher is better)
 
 
-def arms(cfg):
-    """The baseline first: the table measures the pyramid against its final values."""
-    return {"single stage (K = 1)": dataclasses.replace(cfg, **SINGLE),
-            f"pyramid (K = {PYRAMID['K']})": dataclasses.replace(cfg, **PYRAMID)}
+def arms(cfg, equal_tokens=False):
+    """The baseline first: the table measures the pyramid against its final values. With
+    equal_tokens the pyramid's batch grows until a step holds about the baseline's tokens (the
+    paper's setting), in whole groups of its stage ratio."""
+    single, pyramid = dataclasses.replace(cfg, **SINGLE), dataclasses.replace(cfg, **PYRAMID)
+    if equal_tokens:
+        groups = sum(int(r) for r in pyramid.stage_ratio.split(","))
+        scale = ex.tokens_per_clip(single) / ex.tokens_per_clip(pyramid)
+        pyramid = dataclasses.replace(pyramid, batch_size=groups * round(cfg.batch_size * scale / groups))
+    return {"single stage (K = 1)": single, f"pyramid (K = {PYRAMID['K']})": pyramid}
 
 
 def main(argv):
     run = ex.setup(argv, "spatial_pyramid", OWN, SETTINGS, QUICK)
-    curves = ex.run_arms(arms(run.cfg), run.out, run.opts["every"], run.vae, run.captions, run.seeds, run.quick)
+    curves = ex.run_arms(arms(run.cfg, run.opts["equal_tokens"]), run.out, run.opts["every"], run.vae, run.captions, run.seeds, run.quick)
     report(curves, run.out)
     return curves
 
