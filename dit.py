@@ -747,14 +747,15 @@ class TextToVideo(nn.Module):
         text, mask, pooled = self.encode_text(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
 
-    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None):
+    def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None,
+               all_frames: bool = False):
         """null: the null caption's features [1, ...] (the unconditional half) when captions are features."""
         if guidance == 1.0:
-            return self(frames, captions, t, grid=grid, cache=cache)
+            return self(frames, captions, t, all_frames=all_frames, grid=grid, cache=cache)
         B = frames[-1].shape[0]
         both = [torch.cat([x, x]) for x in frames]                             # [2B, C, h, w] each
         both_text = None if cache is not None else self.both_halves(captions, B, null)
-        v_c, v_u = self(both, both_text, torch.cat([t, t]), grid=grid, cache=cache).chunk(2)
+        v_c, v_u = self(both, both_text, torch.cat([t, t]), all_frames=all_frames, grid=grid, cache=cache).chunk(2)
         return v_u + guidance * (v_c - v_u)                                    # CFG
 
     def make_cache(self, history, captions, size, guidance: float = 1.0, grid=None, base=None, null=None):

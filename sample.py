@@ -156,15 +156,17 @@ def latent_frames(frames, vae, what=None):
 def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu"):
     """velocity(history, x, k, t) of a trained checkpoint for pf.sample_video: the network at the
     run's model time, with CFG (`guidance` for the first frame, `video_guidance` once there is
-    history), turned into a velocity if the run predicts the clean frame (--prediction=x)."""
+    history), turned into a velocity if the run predicts the clean frame (--prediction=x).
+    A full-sequence run's x is the whole clip [B, C, T, h, w], with no history and `guidance`."""
     windows, B = pf.stage_windows(cfg["K"]), len(captions)
+    all_frames = cfg.get("full_sequence", False)
 
     def velocity(history, x, k, t):
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
         cache = history if isinstance(history, dit.KVCache) else None  # the history is in the cache
         w = guidance if not (cache or history) else video_guidance  # no history: the first frame
-        frames = [x] if cache else history + [x]
-        out = net.guided(frames, captions, tau, w, grid=grid, cache=cache)  # CFG is linear, so it may act on x too
+        frames = list(x.unbind(2)) if all_frames else [x] if cache else history + [x]
+        out = net.guided(frames, captions, tau, w, grid=grid, cache=cache, all_frames=all_frames)  # CFG is linear: x too
         if cfg.get("prediction", "v") == "x":
             return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
         return out
@@ -209,14 +211,15 @@ class HistoryCache:
 @torch.no_grad()
 def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=None, steps_later=None,
              guidance=None, video_guidance=None, renoise=True, device="cpu", progress=True, cache=True,
-             max_history=0, decode_chunk=None):
+             max_history=0, decode_chunk=None, watch=None):
     """Pixel videos [B, 3, frames, H, W] in [-1, 1] for `captions`; `prefix` [B, 3, P, H, W] holds
     given first frames (image-to-video, continuation). Unset options take the run's settings (the
     steps and guidance of its end-of-training report); the command line passes the release's step
     counts and leaves the guidance to the run. cache: reuse the text and history keys and values
     across a stage's steps (HistoryCache; same video, less time); max_history > 0: only that many
     most recent latent frames as history. decode_chunk: latent frames per VAE decoder call (exact,
-    bounded memory for long videos)."""
+    bounded memory for long videos). watch(x, k, t), if given, sees every state the network is called
+    on (toy/renoise.py measures the latents right after a jump with it)."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
     steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k
@@ -234,13 +237,25 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
 
     grid = (h, w) if cfg.get("positions") == "interpolate" else None
     velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device)
+    if watch is not None:
+        network = velocity
+
+        def velocity(history, x, k, t):
+            watch(x, k, t)
+            return network(history, x, k, t)
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)
-    z = pf.sample_video(velocity, (B, C, h, w), T, windows, steps, steps_later, prefix=prefix,
-                        generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1),
-                        condition=HistoryCache(net, cfg, captions, w_later, grid) if cache else None,
-                        max_history=max_history)
+    if cfg.get("full_sequence"):  # the Fig. 8 baseline: Algorithm 1 with K = 1 over the whole clip at once
+        if prefix is not None:
+            fail("a full-sequence checkpoint generates whole clips; it takes no --image or --video")
+        z = pf.sample(lambda x, k, t: velocity([], x, k, t), (B, C, T, h, w), windows, steps, gen, device=device)
+        bar.update(T)
+    else:
+        z = pf.sample_video(velocity, (B, C, h, w), T, windows, steps, steps_later, prefix=prefix,
+                            generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1),
+                            condition=HistoryCache(net, cfg, captions, w_later, grid) if cache else None,
+                            max_history=max_history)
     bar.close()
     video = vae.decode(vae.denormalize(z), chunk=decode_chunk) if vae is not None else z
     if given is not None:  # the given frames stay exactly as given (a VAE round trip would blur them)

@@ -96,6 +96,8 @@ class Config:
     vae_ckpt: str = ""             # train on the latents of this VAE checkpoint; "" = pixel space
     vae_steps: int = 0             # > 0 (and no vae_ckpt): first train a vae-toy VAE this long, in out_dir/vae
     causal: bool = True            # False: bidirectional attention (Fig. 11 ablation)
+    full_sequence: bool = False    # the Fig. 8 baseline: the whole clip noisy at one t, all frames in the loss;
+    #                                needs --K=1 --causal=false (toy/temporal_pyramid.py sets them)
     prediction: str = "v"          # the network predicts v (the paper) | x (the clean frame, pf.velocity_from_clean)
     positions: str = "extrapolate"  # current frame on its own grid (paper) | "interpolate" onto the full grid
     history_time: str = "clean"    # history modulated at t = 1 (KV cache) | "current" t (the release; no cache)
@@ -305,6 +307,9 @@ def validate(cfg):
     sample.check_writable_dir("out_dir", run_dir(cfg))
     check_out_dir(cfg)
     TASKS[cfg.task](cfg)
+    if cfg.full_sequence and (cfg.K != 1 or cfg.causal):
+        fail("--full_sequence=true is one stage with bidirectional attention: give --K=1 --causal=false "
+             "(and one number for --stage_ratio and the sample steps)")
     if has_vae_phase(cfg):
         validate(vae_phase(cfg))
 
@@ -486,10 +491,12 @@ class VideoLoss(nn.Module):
     def forward(self, groups):
         losses, logs = [], {}
         for g in groups:
-            v = self.net(g["history"] + [g["x_t"]], g["captions"], g["tau"], grid=g["grid"])  # frame i
+            all_frames = g.get("all_frames", False)  # full sequence: x_t is the clip [b, C, T, h, w]
+            frames = list(g["x_t"].unbind(2)) if all_frames else g["history"] + [g["x_t"]]
+            v = self.net(frames, g["captions"], g["tau"], all_frames=all_frames, grid=g["grid"])  # frame i (or all)
             if self.prediction == "x":  # the output is the clean frame: the velocity it implies
                 v = pf.velocity_from_clean(v, g["x_t"], g["stage"], g["t"], self.windows)
-            loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i only
+            loss = F.mse_loss(v.float(), g["target"])                          # Eq. 11, frame i (or the clip) only
             losses.append(loss * g["x_t"].shape[0])
             logs[f"loss_k{g['stage']}"] = loss.item()
         return torch.stack(losses).sum() / sum(g["x_t"].shape[0] for g in groups), logs
@@ -588,19 +595,23 @@ class Video:
         for k, per in self.groups:
             frames = 1 if torch.rand(1, generator=g).item() < cfg.image_ratio else cfg.frames
             clips, captions = self.clips(per, frames, g, device)
-            i = int(torch.randint(self.latent_frames(frames), (1,), generator=g))  # AR position (latent frame)
-            if cfg.data_pool:
-                lat = clips[:, :, :i + 1]                                      # [b, C, i + 1, h, w]
-            else:  # the encoder is causal: latents 0..i need only pixel frames 0..f*i (half the work on average)
-                lat = self.encode(clips[:, :, :1 + self.time_factor * i].to(device))  # [b, C, i + 1, h, w]
-            history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g,
-                                             max_noise=cfg.history_noise)  # Eq. 16
-            x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)          # Eqs. 6, 9-11
+            if cfg.full_sequence:  # the baseline: every latent frame at full resolution, one t per clip
+                lat = clips if cfg.data_pool else self.encode(clips.to(device))  # [b, C, T, h, w]
+                history, (x_t, t, target) = [], pf.training_example(lat, k, self.windows, g)  # Eqs. 6, 11, K = 1
+            else:
+                i = int(torch.randint(self.latent_frames(frames), (1,), generator=g))  # AR position (latent frame)
+                if cfg.data_pool:
+                    lat = clips[:, :, :i + 1]                                      # [b, C, i + 1, h, w]
+                else:  # the encoder is causal: latents 0..i need only pixel frames 0..f*i (half the work on average)
+                    lat = self.encode(clips[:, :, :1 + self.time_factor * i].to(device))  # [b, C, i + 1, h, w]
+                history = pf.history_condition(lat[:, :, :i], k, K, corrupt=True, generator=g,
+                                               max_noise=cfg.history_noise)  # Eq. 16
+                x_t, t, target = pf.training_example(lat[:, :, i], k, self.windows, g)          # Eqs. 6, 9-11
             drop = torch.rand(per, generator=g) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
             grid = lat.shape[-2:] if cfg.positions == "interpolate" else None
             groups.append(dict(history=history, x_t=x_t, t=t, target=target, captions=captions, stage=k, grid=grid,
-                               tau=pf.model_time(k, t, self.windows)))
+                               tau=pf.model_time(k, t, self.windows), all_frames=cfg.full_sequence))
         return dict(groups=groups)
 
     def extra(self):
@@ -1066,20 +1077,21 @@ def out_dir_lock(out_dir):
         yield
 
 
-def train(cfg, quiet=False):
+def train(cfg, quiet=False, on_step=None):
     """Run one training job; returns (losses, model): the all-reduced loss of every optimizer step
     since the start of the run (resumed runs included) and the trained module (not the EMA).
-    Every setting is checked first (validate); the out_dir is locked for the run."""
+    Every setting is checked first (validate); the out_dir is locked for the run. on_step(step,
+    ema), if given, is called after every optimizer step (the toy/ experiments evaluate with it)."""
     validate(cfg)
     interrupts = Interrupts()
     try:
         with out_dir_lock(run_dir(cfg)):
-            return train_locked(cfg, quiet, interrupts)
+            return train_locked(cfg, quiet, interrupts, on_step)
     finally:
         interrupts.restore()
 
 
-def train_locked(cfg, quiet, interrupts):
+def train_locked(cfg, quiet, interrupts, on_step=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if has_vae_phase(cfg):
@@ -1184,6 +1196,8 @@ def train_locked(cfg, quiet, interrupts):
         history.append(total)
         step += 1
         bar.update(1)
+        if on_step is not None:
+            on_step(step, ema)
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             extra = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items())
             bar.write(f"step {step}: loss {total:.4f} (mean {loss_mean:.4f}) {extra} lr {lr:.2e} "

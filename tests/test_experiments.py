@@ -1,0 +1,112 @@
+"""The toy experiments (toy/spatial_pyramid.py, temporal_pyramid.py, renoise.py, causal.py,
+efficiency.py) run end to end in --quick mode, on one shared one-step VAE: each prints its table
+and writes its PNG, both arms train the same steps, and the numbers that are exact are exact."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import train
+from toy import causal, efficiency, experiment, renoise, spatial_pyramid, temporal_pyramid
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    cfg = dataclasses.replace(train.parse_args(["--preset=vae-toy"]), out_dir=str(out), max_steps=1, batch_size=2)
+    train.train(cfg, quiet=True)
+    return str(out / "vae.pt")
+
+
+def quick(tmp_path, vae_ckpt):
+    return ["--quick", f"--out_dir={tmp_path}", f"--vae_ckpt={vae_ckpt}"]
+
+
+def same_budget(curves):
+    (a, b) = curves.values()
+    assert len(a["losses"]) == len(b["losses"]) == a["steps"][-1] == b["steps"][-1] > 0
+
+
+def test_spatial_pyramid_against_single_stage(tmp_path, vae_ckpt, capsys):
+    curves = spatial_pyramid.main(quick(tmp_path, vae_ckpt))
+    same_budget(curves)
+    out = capsys.readouterr().out
+    assert "steps ratio" in out and "time ratio" in out and "frechet" in out
+    assert (tmp_path / "spatial_pyramid.png").exists()
+    assert curves["single stage (K = 1)"]["steps"] == [2, 4]  # evaluated along the way (--every=2)
+
+
+def test_equal_tokens_grows_the_pyramids_batch_to_the_baselines_tokens():
+    cfg, _, _ = experiment.parse([], spatial_pyramid.OWN, spatial_pyramid.SETTINGS, {})
+    single, pyramid = spatial_pyramid.arms(cfg, equal_tokens=True).values()
+    assert single.batch_size == 24 and pyramid.batch_size == 60  # 24 x 64 tokens = 1536; 60 x 25 = 1500
+    assert experiment.tokens_per_clip(single) == 64 and experiment.tokens_per_clip(pyramid) == 25
+    assert [a.batch_size for a in spatial_pyramid.arms(cfg).values()] == [24, 24]
+
+
+def test_temporal_pyramid_against_full_sequence(tmp_path, vae_ckpt, capsys):
+    curves, tokens = temporal_pyramid.main(quick(tmp_path, vae_ckpt))
+    same_budget(curves)
+    assert tokens["full sequence"] == 3 * 16  # 5 frames -> 3 latent frames of 8 x 8, patch 2
+    assert tokens["temporal pyramid (K = 2)"] < tokens["full sequence"]
+    out = capsys.readouterr().out
+    assert "equal steps" in out and "equal wall time" in out and "consistency" in out
+    assert (tmp_path / "temporal_pyramid.png").exists()
+
+
+def test_renoise_with_and_without_the_corrective_noise(tmp_path, vae_ckpt, capsys):
+    results = renoise.main(quick(tmp_path, vae_ckpt))
+    with_noise, without = results.values()
+    assert without["jump_share"] == 0.0 < with_noise["jump_share"]  # a flat 2 x 2 block start without n'
+    assert "share after jump" in capsys.readouterr().out
+    assert (tmp_path / "renoise.png").exists()
+
+
+def test_block_share_is_zero_on_flat_blocks_and_one_without_block_means():
+    x = torch.randn(2, 3, 4, 4)
+    assert renoise.block_share(x.repeat_interleave(2, -1).repeat_interleave(2, -2)) == pytest.approx(0.0, abs=1e-12)
+    z = torch.randn(2, 3, 8, 8)
+    assert renoise.block_share(z - torch.nn.functional.interpolate(
+        torch.nn.functional.avg_pool2d(z, 2), scale_factor=2)) == pytest.approx(1.0)
+
+
+def test_causal_against_bidirectional(tmp_path, vae_ckpt, capsys):
+    curves = causal.main(quick(tmp_path, vae_ckpt))
+    same_budget(curves)
+    out = capsys.readouterr().out
+    assert "blockwise-causal" in out and "bidirectional" in out and "sample s" in out
+    assert all(c["sample_seconds"] > 0 for c in curves.values())
+    assert (tmp_path / "causal.png").exists()
+
+
+def test_efficiency_token_table_and_the_two_ratio_lines(tmp_path, capsys):
+    efficiency.main(["--quick", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    paper = next(line for line in out.splitlines() if line.startswith("paper, 10 s 768p"))
+    assert paper.split()[-4:-1] == ["31", "119040", "15360"]
+    assert "10,320" in out  # the paper's TN/4^K, one level off
+    *_, a, b = out.strip().splitlines()
+    prefix_a, prefix_b = "sampling time ratio, spatial pyramid / single stage: ", \
+        "training step time ratio, temporal pyramid / full sequence: "
+    assert a.startswith(prefix_a) and b.startswith(prefix_b)
+    assert float(a[len(prefix_a):]) > 0 and float(b[len(prefix_b):]) > 0
+
+
+def test_first_reaching_and_value_at():
+    curve = dict(steps=[10, 20, 30], seconds=[1.0, 2.0, 3.0], scores=[dict(q=0.2), dict(q=0.5), dict(q=0.4)])
+    assert experiment.first_reaching(curve, "q", 0.4) == 20
+    assert experiment.first_reaching(curve, "q", 0.4, axis="seconds") == 2.0
+    assert experiment.first_reaching(curve, "q", 0.3, higher_is_better=False) == 10
+    assert experiment.first_reaching(curve, "q", 0.9) is None
+    assert experiment.value_at(curve, "q", 2.5, "seconds") == 0.5 and experiment.value_at(curve, "q", 5) is None
+
+
+def test_options_go_to_the_script_and_settings_to_train(tmp_path):
+    cfg, opts, quick = experiment.parse(["--every=7", "--lr=0.5", "--quick", "--max_steps=9"],
+                                        dict(every=100, seeds="1"), dict(max_steps=50), dict(max_steps=4))
+    assert opts == dict(every=7, seeds="1") and quick and cfg.lr == 0.5 and cfg.max_steps == 9
+    assert cfg.width == experiment.QUICK["width"] and cfg.preset == "tiny"
+    with pytest.raises(SystemExit, match="unknown setting --nope"):
+        experiment.parse(["--nope=1"], {}, {}, {})
+    assert os.path.basename(experiment.EXPERIMENTS_DIR) == "experiments"
