@@ -54,10 +54,11 @@ def read_checkpoint(path, kind, what, hint="", mmap=False):
     return ck
 
 
-def load_weights(module, state, path):
-    """module.load_state_dict(state), with a one-line error for a checkpoint of another shape."""
+def load_weights(module, state, path, load=None):
+    """module.load_state_dict(state) (or `load(state)`, e.g. into a sharded module), with a one-line
+    error for a checkpoint of another shape."""
     try:
-        module.load_state_dict(state)
+        (load or module.load_state_dict)(state)
     except (RuntimeError, KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[-1].strip()
         fail(f"{path} does not fit this model ({type(module).__name__}: {reason[:200]})")
@@ -89,7 +90,7 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     own: the frozen encoder `text_encoder` (a dit.load_text_encoder spec; default the run's
     --text_encoder) encodes the captions, and the VAE `vae_ckpt` (default the run's) decodes."""
     hint = " (train one with python train.py)"
-    ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint)
+    ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint, mmap=True)  # AdamW states stay on disk
     if ck.get("task") != "video" or not isinstance(ck.get("config"), dict):
         fail(f"{path} is not a video checkpoint of this repository{hint}")
     features = ck.get("text_features", False)
@@ -153,20 +154,23 @@ def latent_frames(frames, vae, what=None):
     return 1 + (frames - 1) // f
 
 
-def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu"):
+def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu", null=None):
     """velocity(history, x, k, t) of a trained checkpoint for pf.sample_video: the network at the
     run's model time, with CFG (`guidance` for the first frame, `video_guidance` once there is
     history), turned into a velocity if the run predicts the clean frame (--prediction=x).
-    A full-sequence run's x is the whole clip [B, C, T, h, w], with no history and `guidance`."""
-    windows, B = pf.stage_windows(cfg["K"]), len(captions)
+    A full-sequence run's x is the whole clip [B, C, T, h, w], with no history and `guidance`.
+    captions may be text features (text, mask, pooled); `null` then holds the null caption's."""
+    windows = pf.stage_windows(cfg["K"])
     all_frames = cfg.get("full_sequence", False)
 
     def velocity(history, x, k, t):
+        B = x.shape[0]
         tau = torch.full((B,), pf.model_time(k, t, windows), device=device)
         cache = history if isinstance(history, dit.KVCache) else None  # the history is in the cache
         w = guidance if not (cache or history) else video_guidance  # no history: the first frame
         frames = list(x.unbind(2)) if all_frames else [x] if cache else history + [x]
-        out = net.guided(frames, captions, tau, w, grid=grid, cache=cache, all_frames=all_frames)  # CFG is linear: x too
+        out = net.guided(frames, captions, tau, w, grid=grid, null=null, cache=cache,
+                         all_frames=all_frames)  # CFG is linear: x too
         if cfg.get("prediction", "v") == "x":
             return pf.velocity_from_clean(out, x, k, torch.full((B,), t, device=device), windows)
         return out
@@ -181,8 +185,9 @@ class HistoryCache:
     The first frame (no history) and models without a cache (bidirectional, history at the
     current t) get the plain history back: they sample uncached."""
 
-    def __init__(self, net, cfg, captions, video_guidance, grid=None):
+    def __init__(self, net, cfg, captions, video_guidance, grid=None, null=None):
         self.net, self.K, self.captions, self.guidance, self.grid = net, cfg["K"], captions, video_guidance, grid
+        self.null = null     # the null caption's text features, when captions are features
         self.kept = {}       # stage k -> (the lowest-level history frames, the KVCache of the text and them)
         self.current = None  # the cache the steps of the current stage read
 
@@ -200,7 +205,7 @@ class HistoryCache:
         return self.current
 
     def make(self, history, size, base):
-        return self.net.make_cache(history, self.captions, size, self.guidance, self.grid, base=base)
+        return self.net.make_cache(history, self.captions, size, self.guidance, self.grid, base=base, null=self.null)
 
     def nbytes(self):
         """Bytes of the keys and values held: the kept caches and the one the steps read."""
@@ -235,8 +240,11 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
         given = prefix.to(device)
         prefix = vae.normalize(vae.encode(given)) if vae is not None else given
 
+    null = None
+    if net.text_encoder is not None and not isinstance(net.text_encoder, dit.ToyTextEncoder):
+        captions, null = net.encode_text(captions), net.encode_text([""])  # a frozen encoder runs once
     grid = (h, w) if cfg.get("positions") == "interpolate" else None
-    velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device)
+    velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device, null)
     if watch is not None:
         network = velocity
 
@@ -254,7 +262,7 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     else:
         z = pf.sample_video(velocity, (B, C, h, w), T, windows, steps, steps_later, prefix=prefix,
                             generator=gen, renoise=renoise, device=device, on_frame=lambda i: bar.update(1),
-                            condition=HistoryCache(net, cfg, captions, w_later, grid) if cache else None,
+                            condition=HistoryCache(net, cfg, captions, w_later, grid, null) if cache else None,
                             max_history=max_history)
     bar.close()
     video = vae.decode(vae.denormalize(z), chunk=decode_chunk) if vae is not None else z

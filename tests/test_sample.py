@@ -145,9 +145,15 @@ def test_guidance_sweep_prints_a_row_per_pair(latent_ckpt, capsys):
     from toy import sweep_guidance
     sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2:2,3:1", "--seeds=1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
-    assert [r[:2] for r in rows] == [["2", "2"], ["3", "1"]] and all(len(r) == 8 for r in rows)
+    assert [r[:3] for r in rows] == [["all", "2", "2"], ["all", "3", "1"]] and all(len(r) == 9 for r in rows)
     with pytest.raises(SystemExit, match="guidance:video_guidance"):
         sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2"])
+    # history truncation: a row per --max_history value
+    sweep_guidance.main([f"--ckpt={latent_ckpt}", "--pairs=2:2", "--seeds=1", "--max_history=0,1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [r[0] for r in rows] == ["all", "1"]
+    with pytest.raises(SystemExit, match="--max_history must be >= 0"):
+        sweep_guidance.main([f"--ckpt={latent_ckpt}", "--max_history=-1"])
 
 
 def test_size_diagnosis_prints_a_row_per_frame_and_the_decoder_tolerance(latent_ckpt, capsys):

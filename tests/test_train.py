@@ -193,7 +193,7 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
     cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=1, eval_captions=0))
     train.train(cfg, quiet=True)
     vae_pt = os.path.join(cfg.out_dir, "vae", "vae.pt")
-    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
     assert ck["config"]["vae_ckpt"] == vae_pt and ck["vae"] is not None  # the video model is latent
     before = os.path.getmtime(vae_pt)
     losses, _ = train.train(dataclasses.replace(cfg, max_steps=2, resume=True), quiet=True)
@@ -216,7 +216,7 @@ def test_vae_phase_takes_the_runs_vae_loss_and_optimizer_settings(tmp_path, monk
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: fused.append(kw.get("fused")) or real_adamw(*a, **kw))
     train.train(cfg, quiet=True)
     assert fused == [False, False]
-    ck = torch.load(os.path.join(cfg.out_dir, "vae", "vae.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(cfg.out_dir, "vae", "vae.pt"), map_location="cpu", weights_only=True)
     assert {k: ck["recipe"][k] for k in ("kl_weight", "disc_weight", "disc_start", "pixel_loss", "fused_adam")} == \
         dict(kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1", fused_adam=False)
 

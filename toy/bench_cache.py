@@ -13,17 +13,19 @@ and the share of the cached time spent filling caches. The uncached model uses p
 attention, its faster causal path.
 
 Run from the repository root (10-15 minutes on 2 cores; --quick: a toy size, seconds):
-    python -m toy.bench_cache [--quick]
+    python toy/bench_cache.py [--quick]
 """
 import dataclasses
+import os
 import sys
 import time
 
 import torch
 
-import dit
-import pyramid_flow as pf
-import sample
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dit  # noqa: E402
+import pyramid_flow as pf  # noqa: E402
+import sample  # noqa: E402
 
 FRAMES = (4, 8, 16, 32)       # latent frames per video
 TEXT_TOKENS = 32              # caption length in tokens (the toy encoder: one token a word)
@@ -39,7 +41,7 @@ QUICK = dict(size="toy", width=32, heads=2, depth=1, latent=4, channels=4, K=2, 
 
 def settings(argv):
     if argv not in ([], ["--quick"]):
-        raise SystemExit(f"usage: python -m toy.bench_cache [--quick], got {' '.join(argv)}")
+        raise SystemExit(f"usage: python toy/bench_cache.py [--quick], got {' '.join(argv)}")
     return QUICK if argv else FULL
 
 

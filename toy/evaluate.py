@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sample import atomic_write  # sample.py imports only the ground floor: no cycle
 from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
@@ -328,9 +327,10 @@ def train_digit_classifier(steps=1200, batch_size=64, lr=2e-3, generator=None, l
     return model.eval()
 
 
-def load_or_train_digit_classifier(cache_path, steps=1200, log=print):
+def load_or_train_digit_classifier(cache_path, steps=1200, log=print, write=None):
     """Load the classifier cached at cache_path, or train one, report its held-out accuracy and
-    cache it there (sample.atomic_write: a crash or a full disk leaves no half file)."""
+    cache it there. write(path, save): how the file is written (train.py passes sample.atomic_write:
+    a crash or a full disk leaves no half file); None: save(path) directly."""
     if os.path.exists(cache_path):
         try:
             state = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -345,7 +345,7 @@ def load_or_train_digit_classifier(cache_path, steps=1200, log=print):
         log(f"digit classifier held-out accuracy {accuracy:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     state = dict(model=model.state_dict(), steps=steps, accuracy=accuracy)
-    atomic_write(cache_path, lambda tmp: torch.save(state, tmp))
+    (write or (lambda path, save: save(path)))(cache_path, lambda path: torch.save(state, path))
     return model
 
 

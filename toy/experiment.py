@@ -95,7 +95,7 @@ def with_vae(cfg, vae_home, quiet=False):
 
 
 def load_vae(cfg):
-    return train.load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
+    return sample.load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
 
 
 def captions_for(n):

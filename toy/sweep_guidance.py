@@ -4,6 +4,7 @@ captions with a few seeds at each (guidance, video_guidance) pair and prints the
 toy/evaluate.py, with how far the objects travel next to the data's travel.
 
     python toy/sweep_guidance.py --ckpt=out/tiny/ckpt.pt [--pairs=3:3,2:2] [--seeds=1,2,3,4] [--raw]
+    python toy/sweep_guidance.py --pairs=2:2 --max_history=0,3,2,1   # history truncation (sample.py --max_history)
 
 Why it matters: CFG, v = v_u + w (v_c - v_u), scales up everything the caption adds to the
 unconditional prediction, and for a later frame that includes the motion. With a large video
@@ -43,12 +44,17 @@ def main(argv):
     ap.add_argument("--pairs", default="3:3,3:2,2:2,3:1", help="guidance:video_guidance,...")
     ap.add_argument("--seeds", default="1,2,3,4", help="sampling seeds; each samples all 48 captions")
     ap.add_argument("--raw", action="store_true", help="the trained weights, not their EMA (the default)")
+    ap.add_argument("--max_history", default="0", help="latent history frames kept (0: all); several: a row each")
     args = ap.parse_args(argv)
     pairs = parse_pairs(args.pairs)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
+        histories = [int(n) for n in args.max_history.split(",")]
     except ValueError:
-        sys.exit(f"error: --seeds wants integers separated by commas, got {args.seeds!r}")
+        sys.exit(f"error: --seeds and --max_history want integers separated by commas, got {args.seeds!r}, "
+                 f"{args.max_history!r}")
+    if min(histories) < 0:
+        sys.exit(f"error: --max_history must be >= 0 (0: all frames), got {args.max_history!r}")
     net, cfg, vae = sample.load(args.ckpt, use_ema=not args.raw)
     if cfg["data"] != "shapes":
         sys.exit(f"error: {args.ckpt} was trained on {cfg['data']}, not shapes")
@@ -58,18 +64,19 @@ def main(argv):
           f"{len(seeds)} x {len(captions)} videos per row (one standard error of a fraction near 0.5: "
           f"{0.5 / np.sqrt(len(seeds) * len(captions)):.3f})")
     rows = []
-    with tqdm(total=len(pairs) * len(seeds), desc="sampling") as bar:
-        for w_first, w_later in pairs:
-            scores = []
-            for seed in seeds:
-                videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae, seed=seed, progress=False,
-                                         guidance=w_first, video_guidance=w_later)
-                scores.append(evaluate.score_shapes(videos, captions))
-                bar.update(1)
-            rows.append((w_first, w_later, {k: np.nanmean([s[k] for s in scores]) for k in KEYS}))
-    print(f"\n{'guidance':>9}{'video':>7}" + "".join(f"{k:>13}" for k in KEYS))
-    for w_first, w_later, mean in rows:
-        print(f"{w_first:>9g}{w_later:>7g}" + "".join(f"{mean[k]:>13.3f}" for k in KEYS))
+    with tqdm(total=len(histories) * len(pairs) * len(seeds), desc="sampling") as bar:
+        for history in histories:
+            for w_first, w_later in pairs:
+                scores = []
+                for seed in seeds:
+                    videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae, seed=seed, progress=False,
+                                             guidance=w_first, video_guidance=w_later, max_history=history)
+                    scores.append(evaluate.score_shapes(videos, captions))
+                    bar.update(1)
+                rows.append((history, w_first, w_later, {k: np.nanmean([s[k] for s in scores]) for k in KEYS}))
+    print(f"\n{'history':>8}{'guidance':>9}{'video':>7}" + "".join(f"{k:>13}" for k in KEYS))
+    for history, w_first, w_later, mean in rows:
+        print(f"{history or 'all':>8}{w_first:>9g}{w_later:>7g}" + "".join(f"{mean[k]:>13.3f}" for k in KEYS))
 
 
 if __name__ == "__main__":
