@@ -1237,12 +1237,14 @@ def phase_start(cfg):
     else a phase > 1 starts from the previous phase's final weights and EMA, with a fresh optimizer."""
     ckpt = os.path.join(run_dir(cfg), "ckpt.pt")
     if os.path.exists(ckpt) and not cfg.overwrite:
-        step = sample.read_checkpoint(ckpt, "pyramid-flow", "checkpoint", mmap=True).get("step", 0)
+        ck = sample.read_checkpoint(ckpt, "pyramid-flow", "checkpoint", mmap=True)
+        step = ck.get("step", 0)
         if step >= cfg.max_steps:
             if os.environ.get("RANK", "0") == "0":
                 print(f"phase {cfg.phase}: finished ({step} of {cfg.max_steps} steps in {ckpt}), skipped")
             return None
-        return dataclasses.replace(cfg, resume=True)
+        # resuming: where the phase started from stays on record
+        return dataclasses.replace(cfg, resume=True, init_from=ck.get("config", {}).get("init_from", cfg.init_from))
     fresh = dataclasses.replace(cfg, resume=False)  # "--resume=true" of a multi-phase run: this phase is new
     if cfg.phase > 1 and not cfg.init_from:
         previous = os.path.join(run_dir(dataclasses.replace(cfg, phase=cfg.phase - 1)), "ckpt.pt")

@@ -207,6 +207,36 @@ def test_phases_run_in_order_each_from_the_last_and_finished_ones_are_skipped(tm
     assert any(not torch.equal(one[k], init[k]) for k in one)  # and phase 1 did train
 
 
+def test_an_interrupted_later_phase_resumes_and_resume_starts_new_phases(tmp_path, extracted):
+    """Phase 2, stopped part-way, resumes with the same command (its init_from, recorded, is not a
+    changed setting); `--resume=true` over all phases resumes the started one and starts the next fresh."""
+    run(tmp_path, extracted, "--phase=1", "--max_steps=1")
+    run(tmp_path, extracted, "--phase=2", "--max_steps=1")             # "interrupted" after one of two steps
+    run(tmp_path, extracted, "--max_steps=2", "--resume=true")          # phase 1 resumes, 2 resumes, 3 is new
+    cks = [load(tmp_path / f"phase{n}" / "ckpt.pt") for n in (1, 2, 3)]
+    assert [ck["step"] for ck in cks] == [2, 2, 2]
+    assert cks[1]["config"]["init_from"] == str(tmp_path / "phase1" / "ckpt.pt")
+    assert cks[2]["config"]["init_from"] == str(tmp_path / "phase2" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--dry_run=true", "--batch_size=0"], "--batch_size=0 must be >= 1"),
+    (["--task=extract", "--lr=nan"], "--lr must be a finite number"),
+    (["--phase=2", "--init_from=none", "--fsdp=true"], "--fsdp=true shards over the processes of torchrun"),
+    (["--phase=2", "--init_from=none", "--full_sequence=true", "--K=1", "--causal=false", "--stage_ratio=1", "--sample_steps=1",
+      "--sample_steps_later=1"], "--full_sequence=true trains on the toy data"),
+])
+def test_every_route_checks_its_settings_first(tmp_path, extracted, extra, msg):
+    with pytest.raises(SystemExit, match=msg) as e:
+        run(tmp_path, extracted, *extra)
+    assert "\n" not in str(e.value) and not (tmp_path / "phase2").exists()
+
+
+def test_frame_width_is_refused_on_the_square_toy_data(tmp_path):
+    with pytest.raises(SystemExit, match="--frame_width is for real data"):
+        train.validate(train.parse_args(["--frame_width=64", f"--out_dir={tmp_path}"]))
+
+
 # ---------------------------------------------------------------- two processes: DDP and FSDP
 
 def _worker(rank, port, out, data):

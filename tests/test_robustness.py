@@ -513,3 +513,21 @@ def test_grey_video_is_read_as_rgb(tmp_path):
     imageio.mimwrite(tmp_path / "g.gif", [np.full((4, 4), v, np.uint8) for v in (200, 100)], duration=100)
     x = sample.read_video(str(tmp_path / "g.gif"), 4)
     assert x.shape == (1, 3, 2, 4, 4) and torch.allclose(x[:, :, 1], torch.full_like(x[:, :, 1], 100 / 127.5 - 1))
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_second_signal_stops_at_once_except_under_torchrun(monkeypatch, torchrun):
+    """torchrun forwards a signal to workers that may have had it already: there a repeat must not
+    cost the checkpoint; in a plain run a second Ctrl-C acts at once."""
+    if torchrun:
+        monkeypatch.setenv("RANK", "0")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    interrupts = train.Interrupts()
+    interrupts.listen()
+    try:
+        interrupts.handle(signal.SIGTERM, None)
+        assert interrupts.signum == signal.SIGTERM
+        assert (signal.getsignal(signal.SIGTERM) == interrupts.handle) == torchrun
+    finally:
+        interrupts.restore()
