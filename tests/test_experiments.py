@@ -85,6 +85,8 @@ def test_efficiency_token_table_and_the_two_ratio_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     paper = next(line for line in out.splitlines() if line.startswith("paper, 10 s 768p"))
     assert paper.split()[-4:-1] == ["31", "119040", "15360"]
+    phase3 = next(line for line in out.splitlines() if line.startswith("preset full phase 3"))
+    assert phase3.split()[-5:] == paper.split()[-5:]  # the full recipe's 10 s 768p clips are the paper's
     assert "10,320" in out  # the paper's TN/4^K, one level off
     *_, a, b = out.strip().splitlines()
     prefix_a, prefix_b = "sampling time ratio, spatial pyramid / single stage: ", \

@@ -58,16 +58,22 @@ def token_table():
     rows = [("paper, 10 s 768p", f"{PAPER['h']}x{PAPER['w']} p{PAPER['patch']}", PAPER["frames"],
              pf.full_sequence_tokens(PAPER["h"], PAPER["w"], PAPER["frames"], PAPER["patch"]),
              pf.pyramid_tokens(PAPER["h"], PAPER["w"], PAPER["frames"], 0, PAPER["K"], PAPER["patch"]))]
-    for name, preset in train.PRESETS.items():
-        cfg = train.Config(preset=name, **preset)
-        if cfg.task != "video":
+    runs = [(f"preset {name}", train.PRESETS[name]) for name in train.PRESETS if name not in train.PHASES]
+    runs += [(f"preset {name} phase {n}", train.preset_settings(name, str(n)))
+             for name, phases in train.PHASES.items() for n in range(1, len(phases) + 1)]
+    for label, settings in runs:
+        cfg = train.Config(**settings)
+        if cfg.task != "video" or cfg.frames == 1:  # images: no temporal pyramid
             continue
-        sizes = vae.VAE_SIZES[cfg.vae_size] if cfg.vae_steps or cfg.vae_ckpt else None
-        side = cfg.size // (sizes.spatial_factor if sizes else 1)
+        # latents of the run's VAE (a toy preset's own, or the extracted ones of real data), else pixels
+        latent = cfg.vae_steps or cfg.vae_ckpt or cfg.data not in train.DATA_SOURCES
+        sizes = vae.VAE_SIZES[cfg.vae_size] if latent else None
+        h = cfg.size // (sizes.spatial_factor if sizes else 1)
+        w = (cfg.frame_width or cfg.size) // (sizes.spatial_factor if sizes else 1)
         T = 1 + (cfg.frames - 1) // (sizes.temporal_factor if sizes else 1)
         patch = cfg.patch or dit.SIZES[cfg.model].patch_size
-        rows.append((f"preset {name} (K = {cfg.K})", f"{side}x{side} p{patch}", T,
-                     pf.full_sequence_tokens(side, side, T, patch), pf.pyramid_tokens(side, side, T, 0, cfg.K, patch)))
+        rows.append((f"{label} (K = {cfg.K})", f"{h}x{w} p{patch}", T,
+                     pf.full_sequence_tokens(h, w, T, patch), pf.pyramid_tokens(h, w, T, 0, cfg.K, patch)))
     return [(*r, r[4] / r[3]) for r in rows]
 
 
