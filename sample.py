@@ -128,6 +128,7 @@ def load_vae(path):
     except (KeyError, TypeError, ValueError) as e:
         fail(f"{path} is a damaged VAE checkpoint ({type(e).__name__}: {e})")
     load_weights(model, ck.get("model"), path)
+    model.recipe = ck.get("recipe") or {}  # what it was trained on (train.py refuses other toy data)
     return model.eval().requires_grad_(False)
 
 

@@ -13,7 +13,7 @@ import train
 def settings(tmp_path, **kw):
     """Pixel space, a one-layer model, one step: the smallest run of the Video task."""
     base = dict(out_dir=str(tmp_path), max_steps=1, log_every=1, width=32, depth=1, heads=1, patch=4,
-                batch_size=4, frames=3, eval_captions=0, vae_steps=0, data_pool=0, K=1, stage_ratio="1",
+                batch_size=4, frames=3, eval_captions=0, vae_ckpt="", vae_steps=0, data_pool=0, K=1, stage_ratio="1",
                 sample_steps="2", sample_steps_later="2", warmup_steps=1)
     return dataclasses.replace(train.parse_args(["--preset=tiny"]), **(base | kw))
 

