@@ -13,7 +13,13 @@ and the share of the cached time spent filling caches. The uncached model uses p
 attention, its faster causal path.
 
 Run from the repository root (10-15 minutes on 2 cores; --quick: a toy size, seconds):
-    python toy/bench_cache.py [--quick]
+    python toy/bench_cache.py [--quick] [--batch=1] [--depth=3] [--frames=4,8,16,32]
+    python toy/bench_cache.py --profile      # where the time goes: the ops of one 6-frame run each way
+
+--batch samples that many videos at once (sample.py batches its prompts): a cached step runs few
+tokens, and on a CPU a matrix product of few rows costs the reading of its weights, not its
+FLOPs; more videos a call give it the rows. --profile prints, for one run each way, the share of
+the CPU time in the ops that take most of it, and the matrix products' count and mean time.
 """
 import dataclasses
 import os
@@ -39,15 +45,34 @@ FULL = dict(size="S", width=768, heads=12, depth=3, latent=16, channels=16, K=3,
 QUICK = dict(size="toy", width=32, heads=2, depth=1, latent=4, channels=4, K=2, steps=(1, 1))  # checks that it runs
 
 
+USAGE = "python toy/bench_cache.py [--quick] [--profile] [--batch=N] [--depth=N] [--frames=4,8,16,32]"
+
+
 def settings(argv):
-    if argv not in ([], ["--quick"]):
-        raise SystemExit(f"usage: python toy/bench_cache.py [--quick], got {' '.join(argv)}")
-    return QUICK if argv else FULL
+    """(settings, options) from the command line: --quick picks QUICK, then --batch, --depth, --frames."""
+    quick = "--quick" in argv
+    s = dict(QUICK if quick else FULL, batch=1)
+    opts = dict(profile="--profile" in argv, frames=FRAMES[:-1] if quick else FRAMES)
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=")
+        if arg in ("--quick", "--profile"):
+            continue
+        try:
+            if key in ("batch", "depth") and eq and int(value) >= 1:
+                s[key] = int(value)
+                continue
+            if key == "frames" and eq and all(int(v) >= 1 for v in value.split(",")):
+                opts["frames"] = tuple(int(v) for v in value.split(","))
+                continue
+        except ValueError:
+            pass
+        raise SystemExit(f"error: unknown or bad option {arg!r}; usage: {USAGE}")
+    return s, opts
 
 
 def run(net, frames, s, cache):
     """(seconds, video, most cache bytes held, seconds spent filling caches) of one sampling run."""
-    captions = [" ".join(f"word{j}" for j in range(TEXT_TOKENS))]
+    captions = [" ".join(f"word{j}" for j in range(TEXT_TOKENS))] * s["batch"]
     run_cfg = dict(K=s["K"], prediction="v")
     velocity = sample.model_velocity(net, run_cfg, captions, GUIDANCE, GUIDANCE)
     stats = dict(bytes=0, fill=0.0)
@@ -60,14 +85,30 @@ def run(net, frames, s, cache):
         stats["bytes"] = max(stats["bytes"], make.nbytes())
         return out
     t0 = time.perf_counter()
-    video = pf.sample_video(velocity, (1, s["channels"], s["latent"], s["latent"]), frames, pf.stage_windows(s["K"]),
+    video = pf.sample_video(velocity, (s["batch"], s["channels"], s["latent"], s["latent"]), frames, pf.stage_windows(s["K"]),
                             s["steps"][0], s["steps"][1], generator=torch.Generator().manual_seed(0),
                             condition=condition if cache else None)
     return time.perf_counter() - t0, video, stats["bytes"], stats["fill"]
 
 
+def profile(net, s, frames=6):
+    """torch.profiler over one run each way: the ops with the most CPU time of their own, and the
+    matrix products (aten::addmm, the linear layers): how many, and their mean time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    for cache in (False, True):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds = run(net, frames, s, cache)[0]
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        mm = next(e for e in ops if e.key == "aten::addmm")
+        print(f"{'cached' if cache else 'uncached':>8s}, {frames} frames: {seconds:.2f}s; "
+              + ", ".join(f"{e.key} {e.self_cpu_time_total / total:.0%}" for e in ops[:4])
+              + f"; {mm.count} matrix products, {mm.self_cpu_time_total / mm.count / 1e3:.2f} ms each")
+
+
 def main(argv):
-    s = settings(argv)
+    s, opts = settings(argv)
     cfg = dataclasses.replace(dit.SIZES[s["size"]], in_channels=s["channels"], width=s["width"], heads=s["heads"],
                               depth=s["depth"], per_frame_attention=True)
     torch.manual_seed(0)
@@ -77,18 +118,21 @@ def main(argv):
             p.add_(WEIGHT_NOISE * torch.randn_like(p))
     print(f"MM-DiT {s['size']} (width {cfg.width}, depth {cfg.depth}), latents {s['channels']}x{s['latent']}x"
           f"{s['latent']}, patch {cfg.patch_size}, K = {s['K']}, Euler steps a stage {s['steps'][0]} (first frame) "
-          f"and {s['steps'][1]}, CFG, batch 1, {TEXT_TOKENS} text tokens, {torch.get_num_threads()} threads")
+          f"and {s['steps'][1]}, CFG, batch {s['batch']}, {TEXT_TOKENS} text tokens, {torch.get_num_threads()} threads")
+    if opts["profile"]:
+        return profile(net, s)
     print(f"{'frames':>6s} {'uncached':>9s} {'cached':>8s} {'ratio':>6s} {'filling':>8s} {'cache':>9s} "
           f"{'max |diff|':>10s}")
     ratios = {}
-    for frames in FRAMES if s is FULL else FRAMES[:-1]:  # --quick stops at 16 frames
+    for frames in opts["frames"]:  # --quick stops at 16 frames
         t_plain, v_plain, _, _ = run(net, frames, s, cache=False)
         t_cached, v_cached, nbytes, fill = run(net, frames, s, cache=True)
         ratios[frames] = t_cached / t_plain
         diff = (v_cached - v_plain).abs().max().item()
         print(f"{frames:6d} {t_plain:8.2f}s {t_cached:7.2f}s {ratios[frames]:6.3f} {fill / t_cached:7.0%} "
               f"{nbytes / 2 ** 20:6.2f} MB {diff:10.1e}")
-    print(f"sampling time ratio, cached / uncached at 16 frames: {ratios[16]:.3f}")
+    if 16 in ratios:
+        print(f"sampling time ratio, cached / uncached at 16 frames: {ratios[16]:.3f}")
 
 
 if __name__ == "__main__":
