@@ -210,6 +210,14 @@ def test_bench_quick_mode_prints_the_ratio(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     prefix = "sampling time ratio, cached / uncached at 16 frames: "
     assert last.startswith(prefix) and float(last[len(prefix):]) > 0
+    bench_cache.main(["--quick", "--batch=2", "--frames=2"])  # two videos a call: still the same videos
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert "batch 2" in rows[0] and rows[-1].split()[0] == "2" and float(rows[-1].split()[-1]) < 1e-4
+    bench_cache.main(["--quick", "--profile"])
+    out = capsys.readouterr().out
+    assert "uncached, 6 frames" in out and "cached, 6 frames" in out and "matrix products" in out
+    with pytest.raises(SystemExit, match="bad option '--batch=0'"):
+        bench_cache.main(["--quick", "--batch=0"])
 
 
 def test_old_frames_cache_is_kept_from_frame_to_frame():
