@@ -129,7 +129,7 @@ BAD_SETTINGS = [  # (preset, overrides, what the message names)
     ("tiny", ["--frames=8"], "--frames=8 must be 1 + 2*k"),  # the VAE compresses time 2x
     ("tiny", ["--frames=0"], "--frames=0"),
     ("tiny", ["--size=30"], "--size=30 must be a multiple of 4"),
-    ("tiny", ["--vae_frames=6"], "--vae_frames=6 must be 1 + 2*k"),  # the VAE phase's own settings too
+    ("tiny", ["--vae_ckpt=", "--vae_frames=6"], "--vae_frames=6 must be 1 + 2*k"),  # the VAE phase's own settings too
     ("tiny", ["--K=5", "--stage_ratio=1,1,1,1,1", "--batch_size=5", "--sample_steps=1,1,1,1,1",
               "--sample_steps_later=1,1,1,1,1"], "cannot be halved"),
     ("tiny-pixel", ["--patch=3"], "not a multiple of the patch 3"),
@@ -146,6 +146,7 @@ BAD_SETTINGS = [  # (preset, overrides, what the message names)
 def test_bad_settings_are_refused_before_any_work(preset, argv, key, tmp_path):
     out = tmp_path / "run"
     cfg = train.parse_args([f"--preset={preset}", f"--out_dir={out}", *argv])
+    refused(lambda: train.validate(cfg), key)  # fails fast, rather than training, if a check is missing
     refused(lambda: train.train(cfg, quiet=True), key)
     assert not out.exists()  # no folder, no VAE phase, no data
 
