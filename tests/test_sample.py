@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import common
+import config
 import sample
 import train
 
@@ -20,7 +22,7 @@ FAST_LATENT = ["--steps=1,1", "--steps_later=1,1"]  # the tiny preset as it is (
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
+    cfg = dataclasses.replace(config.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, width=32,
                               depth=1, heads=1, batch_size=6, frames=3, eval_captions=0,
                               vae_ckpt="", vae_steps=0, patch=4, K=3, stage_ratio="1,1,1", sample_steps="1,1,1",
                               sample_steps_later="1,1,1", data_pool=0)  # pixel space: exact frames in and out
@@ -32,7 +34,7 @@ def ckpt(tmp_path_factory):
 def latent_ckpt(tmp_path_factory):
     """The tiny preset with its own VAE (--vae_ckpt=): a VAE first, then the video model on its latents (one step each)."""
     out = tmp_path_factory.mktemp("tiny_latent")
-    cfg = dataclasses.replace(train.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, vae_ckpt="", vae_steps=1,
+    cfg = dataclasses.replace(config.parse_args(["--preset=tiny"]), out_dir=str(out), max_steps=1, vae_ckpt="", vae_steps=1,
                               width=32, depth=1, heads=1, batch_size=3, frames=5, eval_captions=0, data_pool=6)
     train.train(cfg, quiet=True)
     return str(out / "ckpt.pt")
@@ -88,7 +90,7 @@ def test_wrong_image_size_is_resized_with_a_note(ckpt, tmp_path, capsys):
 def test_video_continuation_keeps_the_clip(ckpt, tmp_path):
     from toy import data
     video, _ = data.shapes_batch(1, frames=2, generator=0)                    # pure colours: gif-exact
-    clip = sample.to_uint8(video[0])
+    clip = common.to_uint8(video[0])
     imageio.mimwrite(tmp_path / "clip.gif", list(clip), duration=100, loop=0)
     given = np.stack(imageio.mimread(str(tmp_path / "clip.gif")))[..., :3]
     out = tmp_path / "cont.gif"

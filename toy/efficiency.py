@@ -37,13 +37,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import dit  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import train  # noqa: E402
 import vae  # noqa: E402
+from toy import data  # noqa: E402
 from toy import experiment as ex  # noqa: E402
 
-PAPER = dict(h=768 // 8, w=1280 // 8, frames=31, patch=2, K=3)  # 768p, 8x VAE, 241 frames -> 31 latents
+# 768p, 8x VAE, 241 frames -> 31 latents
+PAPER = dict(h=768 // 8, w=1280 // 8, frames=31, patch=2, K=3)
 # (a) the sampling benchmark and (b) the training benchmark, full size and --quick
 SAMPLING = dict(side=16, channels=4, width=384, depth=4, heads=6, batch=8, steps=6, repeats=3)
 SAMPLING_QUICK = dict(side=8, channels=4, width=32, depth=1, heads=1, batch=2, steps=1, repeats=1)
@@ -58,15 +61,15 @@ def token_table():
     rows = [("paper, 10 s 768p", f"{PAPER['h']}x{PAPER['w']} p{PAPER['patch']}", PAPER["frames"],
              pf.full_sequence_tokens(PAPER["h"], PAPER["w"], PAPER["frames"], PAPER["patch"]),
              pf.pyramid_tokens(PAPER["h"], PAPER["w"], PAPER["frames"], 0, PAPER["K"], PAPER["patch"]))]
-    runs = [(f"preset {name}", train.PRESETS[name]) for name in train.PRESETS if name not in train.PHASES]
-    runs += [(f"preset {name} phase {n}", train.preset_settings(name, str(n)))
-             for name, phases in train.PHASES.items() for n in range(1, len(phases) + 1)]
+    runs = [(f"preset {name}", config.PRESETS[name]) for name in config.PRESETS if name not in config.PHASES]
+    runs += [(f"preset {name} phase {n}", config.preset_settings(name, str(n)))
+             for name, phases in config.PHASES.items() for n in range(1, len(phases) + 1)]
     for label, settings in runs:
-        cfg = train.Config(**settings)
+        cfg = config.Config(**settings)
         if cfg.task != "video" or cfg.frames == 1:  # images: no temporal pyramid
             continue
         # latents of the run's VAE (a toy preset's own, or the extracted ones of real data), else pixels
-        latent = cfg.vae_steps or cfg.vae_ckpt or cfg.data not in train.DATA_SOURCES
+        latent = cfg.vae_steps or cfg.vae_ckpt or cfg.data not in data.SOURCES
         sizes = vae.VAE_SIZES[cfg.vae_size] if latent else None
         h = cfg.size // (sizes.spatial_factor if sizes else 1)
         w = (cfg.frame_width or cfg.size) // (sizes.spatial_factor if sizes else 1)
@@ -79,7 +82,8 @@ def token_table():
 
 def paper_formula_tokens():
     """The count with the oldest history at level K (the paper's "TN/4^K"), for the note."""
-    h, w = PAPER["h"] // PAPER["patch"], PAPER["w"] // PAPER["patch"]  # tokens of a full-resolution frame
+    # tokens of a full-resolution frame
+    h, w = PAPER["h"] // PAPER["patch"], PAPER["w"] // PAPER["patch"]
     level = lambda lv: (h // 2 ** lv) * (w // 2 ** lv)  # noqa: E731
     return level(0) + level(0) + level(1) + (PAPER["frames"] - 3) * level(PAPER["K"])
 
@@ -125,7 +129,7 @@ def step_seconds(cfg, warm):
 def training_ratio(s, out):
     """(b): (pyramid seconds a step, full sequence seconds a step, their configs)."""
     base = dataclasses.replace(
-        train.parse_args(["--preset=tiny"]), vae_ckpt="", vae_steps=0, data_pool=4 * s["batch_size"], frames=s["frames"],
+        config.parse_args(["--preset=tiny"]), vae_ckpt="", vae_steps=0, data_pool=4 * s["batch_size"], frames=s["frames"],
         size=s["size"], patch=s["patch"], width=s["width"], depth=s["depth"], heads=s["heads"],
         batch_size=s["batch_size"], image_ratio=0.0, eval_captions=0, overwrite=True, log_every=10 ** 6,
         warmup_steps=1, K=3, stage_ratio="1,2,1", sample_steps="1,1,1", sample_steps_later="1,1,1")

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import save_torch
 from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
@@ -35,8 +36,10 @@ AREA_TOLERANCE = 0.2  # size kept: area within +-20% of the first frame's
 MIN_SHAPE_AREA = 9  # px: a smaller blob (a speck, which every template fits) has no shape
 CROP = 16  # px: the digit classifier's window, a digit sprite in a 32 px frame (toy/data.py)
 REFERENCE_SIZE = 32  # px: the frame size the digit classifier is trained at
-JITTER = (0.2, 0.1, 0.1)  # training augmentation: +-0.2 rad, +-10% scale, shifts of +-5% of the crop
-MIN_TRAVEL = 1 / 32  # a video moves if its centroid travels >= this fraction of the side (1 px at 32)
+# training augmentation: +-0.2 rad, +-10% scale, shifts of +-5% of the crop
+JITTER = (0.2, 0.1, 0.1)
+# a video moves if its centroid travels >= this fraction of the side (1 px at 32)
+MIN_TRAVEL = 1 / 32
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -48,7 +51,8 @@ def _largest_blob(mask):
     N, H, W = mask.shape
     ids = torch.arange(1, H * W + 1, dtype=torch.int32).view(1, H, W) * mask  # [N, H, W]
     while True:
-        padded = F.pad(ids, (1, 1, 1, 1))  # [N, H+2, W+2]; separable 3x3 max, faster than max_pool2d
+        # [N, H+2, W+2]; separable 3x3 max, faster than max_pool2d
+        padded = F.pad(ids, (1, 1, 1, 1))
         rows = torch.maximum(torch.maximum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])
         grown = torch.maximum(torch.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:]) * mask
         if torch.equal(grown, ids):
@@ -69,7 +73,8 @@ def _directions(centroids, valid, size):
     t = torch.arange(valid.shape[1], dtype=torch.float32).expand_as(w)
     t_c = (t - (w * t).sum(1, keepdim=True) / n) * w  # centred times, 0 where unobserved
     xy_c = centroids - (w[..., None] * centroids).sum(1, keepdim=True) / n[..., None]
-    slope = (t_c[..., None] * xy_c).sum(1) / (t_c ** 2).sum(1, keepdim=True).clamp(min=1e-9)  # [B, 2]
+    # [B, 2]
+    slope = (t_c[..., None] * xy_c).sum(1) / (t_c ** 2).sum(1, keepdim=True).clamp(min=1e-9)
     span = (t * w).max(1).values - torch.where(valid, t, torch.inf).min(1).values  # frames observed
     travel = slope * span.clamp(min=0)[:, None]  # [B, 2] fitted displacement over the clip
     names = {v: k for k, v in DIRECTIONS.items()}
@@ -108,7 +113,8 @@ def _template_ious(mask, area, cy, cx):
     N, H, W = mask.shape
     area = area.clamp(min=1).view(N, 1, 1)
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    u, v = xs.view(1, 1, W) - cx.view(N, 1, 1), ys.view(1, H, 1) - cy.view(N, 1, 1)  # [N, 1, W], [N, H, 1]
+    # [N, 1, W], [N, H, 1]
+    u, v = xs.view(1, 1, W) - cx.view(N, 1, 1), ys.view(1, H, 1) - cy.view(N, 1, 1)
     side = area.sqrt()  # square: side^2 = area
     height = (2 * area).sqrt()  # triangle: base = height, area height^2 / 2
     down = v + 2 * height / 3  # from the apex of an upward triangle (its centroid is 2/3 below it)
@@ -151,7 +157,8 @@ def blob_tracks(videos):
     B, _, T, H, W = videos.shape
     _, mask, area, cy, cx = _blobs(videos)
     ys, xs = torch.arange(H).view(1, H, 1), torch.arange(W).view(1, 1, W)
-    to_edge = [ys, xs, H - 1 - ys, W - 1 - xs]  # px from each pixel to the top, left, bottom, right edge
+    # px from each pixel to the top, left, bottom, right edge
+    to_edge = [ys, xs, H - 1 - ys, W - 1 - xs]
     gap = torch.stack([torch.where(mask, d, H + W).amin((1, 2)) for d in to_edge]).amin(0)  # [N]
     border = torch.where(area > 0, gap, -1)
     return {k: v.view(B, T) for k, v in dict(area=area, cx=cx, cy=cy, border=border).items()}
@@ -166,7 +173,8 @@ def classify_shapes(videos):
     rgb, mask, area, cy, cx = _blobs(videos)
     m = mask.float()
     valid = area > 0
-    ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask, area, cy, cx), torch.nan)  # [N, 4]
+    # [N, 4]
+    ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask, area, cy, cx), torch.nan)
 
     palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
     pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
@@ -174,12 +182,14 @@ def classify_shapes(videos):
     video_colour = torch.cdist(pixel_sum.view(B, T, 3).sum(1) / area.view(B, T).sum(1).clamp(min=1)[:, None],
                                palette).argmin(1)  # [B]: mean colour of all object pixels
     frame_shape = _shape_codes(ious).view(B, T)
-    video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))  # best mean IoU over frames with a shape
+    # best mean IoU over frames with a shape
+    video_shape = _shape_codes(ious.view(B, T, 4).nanmean(1))
     valid, area = valid.view(B, T), area.view(B, T)
     xy = torch.stack([cx, cy], 1).view(B, T, 2)  # centroid tracks
     directions = _directions(xy, valid, max(H, W))
 
-    travel = torch.where(valid.all(1), (xy[:, -1] - xy[:, 0]).norm(dim=1), torch.nan)  # [B] px, first to last frame
+    # [B] px, first to last frame
+    travel = torch.where(valid.all(1), (xy[:, -1] - xy[:, 0]).norm(dim=1), torch.nan)
     area_change, size_kept = _area_change(area, valid)
     frame_colour = frame_colour.view(B, T)
     steady = size_kept & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
@@ -295,7 +305,8 @@ def _jitter(crops, generator):
     limits = torch.tensor([JITTER[0], JITTER[1], JITTER[2], JITTER[2]])[:, None]
     angle, scale, dx, dy = (torch.rand(4, N, generator=generator) * 2 - 1) * limits  # [N] each
     cos, sin = torch.cos(angle) / (1 + scale), torch.sin(angle) / (1 + scale)
-    theta = torch.stack([torch.stack([cos, -sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)  # [N, 2, 3]
+    # [N, 2, 3]
+    theta = torch.stack([torch.stack([cos, -sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)
     grid = F.affine_grid(theta, list(crops.shape), align_corners=False)  # [N, h, w, 2]
     return F.grid_sample(crops, grid, align_corners=False)
 
@@ -327,10 +338,9 @@ def train_digit_classifier(steps=1200, batch_size=64, lr=2e-3, generator=None, l
     return model.eval()
 
 
-def load_or_train_digit_classifier(cache_path, steps=1200, log=print, write=None):
+def load_or_train_digit_classifier(cache_path, steps=1200, log=print):
     """Load the classifier cached at cache_path, or train one, report its held-out accuracy and
-    cache it there. write(path, save): how the file is written (train.py passes sample.atomic_write:
-    a crash or a full disk leaves no half file); None: save(path) directly."""
+    cache it there (atomically: a crash or a full disk leaves no half file)."""
     if os.path.exists(cache_path):
         try:
             state = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -345,7 +355,7 @@ def load_or_train_digit_classifier(cache_path, steps=1200, log=print, write=None
         log(f"digit classifier held-out accuracy {accuracy:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     state = dict(model=model.state_dict(), steps=steps, accuracy=accuracy)
-    (write or (lambda path, save: save(path)))(cache_path, lambda path: torch.save(state, path))
+    save_torch(cache_path, state)
     return model
 
 

@@ -20,6 +20,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import config  # noqa: E402
 import dit  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
@@ -27,7 +29,8 @@ import train  # noqa: E402
 import vae as vae_module  # noqa: E402
 from toy import data, evaluate  # noqa: E402
 
-EXPERIMENTS_DIR = os.path.join("out", "experiments")  # the shared VAE in vae/, each script in its folder
+# the shared VAE in vae/, each script in its folder
+EXPERIMENTS_DIR = os.path.join("out", "experiments")
 # The quick start as it was when the experiments were measured (toy/README.md): its VAE trained here
 # (900 steps, 28.0 dB; out/experiments/vae), a constant learning rate after warm-up.
 BASE = dict(vae_ckpt="", vae_steps=900, lr_decay="none")
@@ -51,17 +54,17 @@ def parse(argv, own, script_defaults, quick_defaults):
         if arg.startswith("--") and key in own:
             if not eq:
                 raise SystemExit(f"error: give --{key}=VALUE")
-            opts[key] = train.convert(key, value, type(own[key]))
+            opts[key] = config.convert(key, value, type(own[key]))
         else:
             rest.append(arg)
     layers = [BASE, script_defaults] + ([QUICK, quick_defaults] if quick else [])
     settings = [f"--{k}={v}" for layer in layers for k, v in layer.items()]
-    return train.parse_args(["--preset=tiny", *settings, *rest]), opts, quick
+    return config.parse_args(["--preset=tiny", *settings, *rest]), opts, quick
 
 
 @dataclasses.dataclass
 class Setup:
-    cfg: train.Config  # the settings both arms start from, on the shared VAE's latents
+    cfg: config.Config  # the settings both arms start from, on the shared VAE's latents
     opts: dict
     quick: bool
     out: str           # this script's folder
@@ -98,7 +101,7 @@ def with_vae(cfg, vae_home, quiet=False):
 
 
 def load_vae(cfg):
-    return sample.load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
+    return common.load_vae(cfg.vae_ckpt) if cfg.vae_ckpt else None
 
 
 def captions_for(n):
@@ -168,7 +171,8 @@ def train_and_evaluate(cfg, every, evaluate_fn, quiet=False):
             clock["first"] = now
         if step % every and step != cfg.max_steps:
             return
-        trained = (now - clock["first"] - clock["evaluating"]) * step / max(1, step - 1)  # steps 2..step, + step 1
+        # steps 2..step, + step 1
+        trained = (now - clock["first"] - clock["evaluating"]) * step / max(1, step - 1)
         ema.net.eval()
         curve["scores"].append(evaluate_fn(ema.net))
         curve["steps"].append(step)
@@ -178,7 +182,8 @@ def train_and_evaluate(cfg, every, evaluate_fn, quiet=False):
             print(f"  step {step}: {trained:.0f} s of training, " +
                   ", ".join(f"{k} {v:.3f}" for k, v in curve["scores"][-1].items()), flush=True)
 
-    cfg = dataclasses.replace(cfg, eval_captions=0, overwrite=True)  # the experiment scores, not train's report
+    # the experiment scores, not train's report
+    cfg = dataclasses.replace(cfg, eval_captions=0, overwrite=True)
     losses, model = train.train(cfg, quiet=quiet, on_step=on_step)
     curve.update(losses=losses, step_seconds=curve["seconds"][-1] / cfg.max_steps)
     return curve
@@ -254,7 +259,7 @@ def thumbnails(videos, cols=8):
     [rows H, cols W', 3] in [0, 1]."""
     ends = videos[:, :, :1] if videos.shape[2] == 1 else \
         torch.cat([videos[:, :, 0], videos[:, :, -1]], dim=-1)[:, :, None]  # [B, 3, 1, H, 2W]
-    grid = sample.tile(ends, cols)[:, 0]                                      # [3, rows H, cols 2W]
+    grid = common.tile(ends, cols)[:, 0]                                      # [3, rows H, cols 2W]
     return ((grid.permute(1, 2, 0).float() + 1) / 2).clamp(0, 1).numpy()
 
 

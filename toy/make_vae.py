@@ -22,7 +22,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample  # noqa: E402
+import common  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 
 OUT = os.path.join("out", "make_vae")
@@ -31,14 +32,14 @@ PSNR_TOLERANCE = 0.2  # dB
 
 def quick_start_vae_config(out_dir=OUT, **kw):
     """The settings of the quick start's VAE phase, as `python train.py --vae_ckpt=` runs it."""
-    cfg = train.parse_args(["--preset=tiny", "--vae_ckpt=", f"--out_dir={out_dir}", *[f"--{k}={v}" for k, v in kw.items()]])
-    return train.vae_phase(cfg)
+    cfg = config.parse_args(["--preset=tiny", "--vae_ckpt=", f"--out_dir={out_dir}", *[f"--{k}={v}" for k, v in kw.items()]])
+    return config.vae_phase(cfg)
 
 
 def compare(made, shipped):
     """(rows of (what, made, shipped), same?) for two VAE checkpoints."""
-    a = sample.read_checkpoint(made, "causal-vae", "VAE checkpoint")
-    b = sample.read_checkpoint(shipped, "causal-vae", "VAE checkpoint")
+    a = common.read_checkpoint(made, "causal-vae", "VAE checkpoint")
+    b = common.read_checkpoint(shipped, "causal-vae", "VAE checkpoint")
     diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in b["model"]) \
         if a["model"].keys() == b["model"].keys() else float("inf")
     rows = [("recipe (steps, data, seed, losses)", "same" if a["recipe"] == b["recipe"] else "differs", ""),
@@ -57,14 +58,14 @@ def main(argv):
           f"into {cfg.out_dir}", flush=True)
     train.train(cfg)
     made = os.path.join(cfg.out_dir, "vae.pt")
-    rows, same = compare(made, train.QUICK_START_VAE)
+    rows, same = compare(made, config.QUICK_START_VAE)
     print(f"\n{'':<36}{'made now':>12}{'shipped':>12}")
     for what, a, b in rows:
         print(f"{what:<36}{a:>12}{b:>12}")
-    print(f"the same VAE as {os.path.relpath(train.QUICK_START_VAE, ROOT)}: {'yes' if same else 'no'}")
+    print(f"the same VAE as {os.path.relpath(config.QUICK_START_VAE, ROOT)}: {'yes' if same else 'no'}")
     if "--ship" in argv:
-        sample.atomic_write(train.QUICK_START_VAE, lambda tmp: shutil.copyfile(made, tmp))
-        print(f"copied {made} to {train.QUICK_START_VAE}")
+        common.atomic_write(config.QUICK_START_VAE, lambda tmp: shutil.copyfile(made, tmp))
+        print(f"copied {made} to {config.QUICK_START_VAE}")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ def oracle_velocity(sets, windows):
 
     def candidates(k):
         if k not in per_stage:
-            X = [pf.down(S, k) for S in sets]                                  # clean ends, [N, C, h, w]
-            U = [pf.up(pf.down(x)) if windows[k][0] > 0 else torch.zeros_like(x) for x in X]  # starts
+            # clean ends, [N, C, h, w]
+            X = [pf.down(S, k) for S in sets]
+            # starts
+            U = [pf.up(pf.down(x)) if windows[k][0] > 0 else torch.zeros_like(x) for x in X]
             per_stage[k] = list(zip(X, U))
         return per_stage[k]
 
@@ -55,10 +57,12 @@ def oracle_velocity(sets, windows):
         d = t * (1 - e) + (1 - t) * (1 - s)
         out = []
         for b, (X, U) in enumerate(candidates(k)):
-            mean = t * e * X + (1 - t) * s * U                                 # Eqs. 6, 9-10 without the noise
-            r = x[b:b + 1].double() - mean                                     # = d n for each candidate
-            weights = torch.softmax(-(r.flatten(1) ** 2).sum(1) / (2 * d * d), 0)  # posterior over X
-            v = e * X - s * U + (s - e) * r / d                                # Eq. 11 per candidate
+            mean = t * e * X + (1 - t) * s * U  # Eqs. 6, 9-10 without the noise
+            # = d n for each candidate
+            r = x[b:b + 1].double() - mean
+            # posterior over X
+            weights = torch.softmax(-(r.flatten(1) ** 2).sum(1) / (2 * d * d), 0)
+            v = e * X - s * U + (s - e) * r / d  # Eq. 11 per candidate
             out.append((weights.view(-1, 1, 1, 1) * v).sum(0))
         return torch.stack(out).to(x.dtype)
     return velocity
@@ -90,7 +94,8 @@ def main(argv):
     K = cfg["K"]
     windows = pf.stage_windows(K)
     oracle = oracle_velocity(sets, windows)
-    model = sample.model_velocity(net, cfg, captions, guidance, guidance)  # first frames: no history
+    # first frames: no history
+    model = sample.model_velocity(net, cfg, captions, guidance, guidance)
     print(f"{len(captions)} captions, {steps} Euler steps per stage, guidance {guidance}; stage 0 = full resolution")
     for stages in [(k,) for k in range(K)] + [tuple(range(K))]:
         mixed = lambda x, k, t: model([], x, k, t) if k in stages else oracle(x, k, t)  # noqa: E731

@@ -38,10 +38,12 @@ from toy import experiment as ex  # noqa: E402
 OWN = dict(every=150, seeds="1,2", captions=48, equal_tokens=False)
 SETTINGS = dict(frames=1, image_ratio=1.0,  # text-to-image: every clip is one frame
                 patch=1,                   # 64 tokens of 8 x 8 latents: room for three levels
-                batch_size=24, max_steps=1200,  # half the quick start's batch: steps matter more (toy/README.md)
+                # half the quick start's batch: steps matter more (toy/README.md)
+                batch_size=24, max_steps=1200,
                 data_pool=960)
 PYRAMID = dict(K=3, stage_ratio="1,2,1", sample_steps="10,10,10", sample_steps_later="10,10,10")
-SINGLE = dict(K=1, stage_ratio="1", sample_steps="30", sample_steps_later="30")  # as many model calls
+# as many model calls
+SINGLE = dict(K=1, stage_ratio="1", sample_steps="30", sample_steps_later="30")
 QUICK = dict(max_steps=4)
 METRICS = (("frechet", False), ("shape", True), ("colour", True))  # (score, higher is better)
 
