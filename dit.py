@@ -16,7 +16,7 @@ Time is in paper notation: t = 0 noise, t = 1 data. History frames are modulated
 time t = 1 (not the current t, as the release does): their activations then do not depend on the
 step being denoised, which is what makes a KV cache possible (KVCache, MMDiT.make_cache: sampling
 computes the text and history keys and values once per frame and stage). The release's modulation
-is kept as an option (DiTConfig.history_time = "current"), without a cache, for comparison.
+(history_time = "current", no cache), time input, position table and q/k eps are options (convert.py).
 
 Tensor legend: video [B, C, T, H, W]; one latent frame [B, C, h, w]; tokens [B, L, D];
 per-head tensors [B, heads, S, head_dim]; S = L_text + N_video is the joint sequence length.
@@ -58,6 +58,17 @@ class DiTConfig:
     # history (and, with history, text) modulated with the clean time t = 1 | "current": with the
     # current t, as the paper's release (its keys then change every step: no KV cache)
     history_time: str = "clean"
+    # the authors' release (convert.py; RELEASE_LAYOUT: its values for patch 2; README "differences"):
+    time_input: str = "t"      # "t": sin-cos of 1000 t | "release": of 1000 (1 - t) (1000 = noise), cos first
+    # 0: sin-cos of each frame's positions (Fig. 3b) | N: the release's stored N x N table, [column | row]
+    # halves, the current frame a centre crop of it and history frames that crop resized bilinearly
+    pos_table: int = 0
+    pos_spacing: float = 1.0   # position step between neighbouring tokens of the table (release: 64 / 192)
+    qk_norm_eps: float = 1e-6  # eps of the q/k RMSNorm (release: 1e-5)
+
+
+# sample_size 128 / patch 2 = 64 tokens a side in a 192-row table
+RELEASE_LAYOUT = dict(time_input="release", pos_table=192, pos_spacing=64 / 192, qk_norm_eps=1e-5)
 
 
 SIZES: dict[str, DiTConfig] = {
@@ -95,6 +106,20 @@ def spatial_positions(h: int, w: int, h_cur: int, w_cur: int, device=None) -> to
     rows = (torch.arange(h, device=device) + 0.5) * (h_cur / h) - 0.5
     cols = (torch.arange(w, device=device) + 0.5) * (w_cur / w) - 0.5
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(h * w, 2)  # [h*w, 2]
+
+
+def table_embedding(h: int, w: int, pos_grid, cfg: DiTConfig, device=None) -> torch.Tensor:
+    """The release's spatial embedding of an h x w frame, [h*w, D]: the centre crop of its N x N table
+    of the current grid's size, resized bilinearly to h x w when the frame is smaller (history)."""
+    (H, W), N = pos_grid, cfg.pos_table
+    if H > N or W > N:
+        raise ValueError(f"a {H}x{W} token grid is larger than the {N}x{N} position table")
+    rows, cols = ((torch.arange(n, device=device) + (N - n) // 2) * cfg.pos_spacing for n in (H, W))  # the crop
+    col_row = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1).reshape(H * W, 2)  # [H*W, 2]
+    crop = rearrange(sincos_embed_2d(col_row, cfg.width), "(h w) d -> 1 d h w", h=H)  # [1, D, H, W]
+    if (h, w) != (H, W):
+        crop = F.interpolate(crop, size=(h, w), mode="bilinear")
+    return rearrange(crop, "1 d h w -> (h w) d")                                          # [h*w, D]
 
 
 def rope_angles(frame_of_token: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -172,11 +197,14 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.freq_dim, self.scale = cfg.time_freq_dim, cfg.time_scale
+        self.freq_dim, self.scale, self.release = cfg.time_freq_dim, cfg.time_scale, cfg.time_input == "release"
         self.mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
 
     def forward(self, t):
-        return self.mlp(sincos_embed_1d(t * self.scale, self.freq_dim).to(self.mlp[0].weight.dtype))
+        # the release's clock runs the other way (1000 = noise) and puts cos first
+        emb = sincos_embed_1d(((1 - t) if self.release else t) * self.scale, self.freq_dim)
+        emb = emb.roll(self.freq_dim // 2, dims=-1) if self.release else emb
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class Mlp(nn.Sequential):
@@ -237,14 +265,14 @@ class MMDiTBlock(nn.Module):
         # video stream: shift/scale/gate for attention and for the MLP
         self.img_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.img_norm1, self.img_qkv, self.img_proj = norm(), nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.img_q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
-        self.img_k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        self.img_q_norm = nn.RMSNorm(head_dim, eps=cfg.qk_norm_eps)
+        self.img_k_norm = nn.RMSNorm(head_dim, eps=cfg.qk_norm_eps)
         self.img_norm2, self.img_mlp = norm(), Mlp(D, hidden)
         # text stream: the same, or only shift/scale before attention in the last block
         self.txt_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (2 if last else 6) * D))
         self.txt_norm1, self.txt_qkv = norm(), nn.Linear(D, 3 * D)
-        self.txt_q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
-        self.txt_k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        self.txt_q_norm = nn.RMSNorm(head_dim, eps=cfg.qk_norm_eps)
+        self.txt_k_norm = nn.RMSNorm(head_dim, eps=cfg.qk_norm_eps)
         if not last:
             self.txt_proj, self.txt_norm2, self.txt_mlp = nn.Linear(D, D), norm(), Mlp(D, hidden)
 
@@ -314,8 +342,9 @@ def check_config(cfg: DiTConfig):
     (the 2-D sin-cos embedding); train.py checks a run's settings with it before any work."""
     if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2 or cfg.width % 4:
         raise ValueError(f"width {cfg.width} must split into {cfg.heads} heads of even size and be divisible by 4")
-    if cfg.history_time not in ("clean", "current"):
-        raise ValueError(f"history_time must be clean or current, got {cfg.history_time!r}")
+    if cfg.history_time not in ("clean", "current") or cfg.time_input not in ("t", "release"):
+        raise ValueError(f"history_time must be clean or current and time_input t or release, got "
+                         f"{cfg.history_time!r} and {cfg.time_input!r}")
 
 
 class MMDiT(nn.Module):
@@ -392,10 +421,11 @@ class MMDiT(nn.Module):
             h, w = x.shape[-2] // p, x.shape[-1] // p
             # [B, h*w, C*p*p]
             tokens.append(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p))
-            positions.append(spatial_positions(h, w, *pos_grid, device))
+            positions.append(table_embedding(h, w, pos_grid, self.cfg, device) if self.cfg.pos_table else
+                             sincos_embed_2d(spatial_positions(h, w, *pos_grid, device), self.cfg.width))
             frame_ids.append(torch.full((h * w,), j, device=device))
         img = self.x_embedder(torch.cat(tokens, 1))                            # [B, N, D]
-        img = img + sincos_embed_2d(torch.cat(positions), self.cfg.width).to(img.dtype)
+        img = img + torch.cat(positions).to(img.dtype)
         return img, torch.cat(frame_ids), [x.shape[1] for x in tokens]
 
     def conditioning(self, pooled, t):
