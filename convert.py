@@ -5,6 +5,7 @@ _768p/, causal_video_vae/) and writes the checkpoints sample.py and train.py loa
 release's tiny fixtures through dit.py and vae.py and prints the largest difference from the
 release's own outputs. App. B: the MM-DiT of SD3 Medium, the causal VAE.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import torch
 from einops import rearrange
 
 import dit
+import vae
 from common import fail
 
 
@@ -168,14 +170,146 @@ def read_config(folder: str, what: str) -> dict:
 
 
 # ---- the causal VAE (release-vae)
-def convert_vae_folder(folder):
-    """(vae_config_dict, state_dict) of this repo's vae.CausalVAE from a release causal_video_vae/ folder."""
-    raise NotImplementedError("release-vae: the causal VAE's conversion")
+# The release's CausalVideoVAE constructor defaults: its config.json may leave any of them out.
+VAE_DEFAULTS = dict(
+    encoder_in_channels=3, encoder_out_channels=4, encoder_layers_per_block=(2, 2, 2, 2),
+    encoder_down_block_types=("DownEncoderBlockCausal3D",) * 4, encoder_block_out_channels=(128, 256, 512, 512),
+    encoder_spatial_down_sample=(True, True, True, False), encoder_temporal_down_sample=(True, True, True, False),
+    encoder_act_fn="silu", encoder_norm_num_groups=32, encoder_double_z=True, encoder_type="causal_vae_conv",
+    decoder_in_channels=4, decoder_out_channels=3, decoder_layers_per_block=(3, 3, 3, 3),
+    decoder_up_block_types=("UpDecoderBlockCausal3D",) * 4, decoder_block_out_channels=(128, 256, 512, 512),
+    decoder_spatial_up_sample=(True, True, True, False), decoder_temporal_up_sample=(True, True, True, False),
+    decoder_act_fn="silu", decoder_norm_num_groups=32, decoder_type="causal_vae_conv", interpolate=False)
+# set no weight and change no output (dropout, tiling sizes; the quant convs are always built)
+VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "encoder_block_dropout", "decoder_block_dropout",
+               "sample_size", "scaling_factor", "add_post_quant_conv", "downsample_scale"}
+# The release's pipeline normalises latents outside its VAE, (z - shift) / scale, frame 0 apart:
+# (shift, scale) of frame 0 and of the later frames, for the MM-DiT (sd3) and the FLUX (miniflux) model
+RELEASE_LATENT_STATS = {"mmdit": ((0.1490, 1.8415), (-0.2343, 3.0986)),
+                        "flux": ((-0.04, 1.8726), (-0.2343, 3.0986))}
+# the release's names inside a block -> ours (the rest are the same: norm1, conv1.conv, ...)
+VAE_RENAMES = [("conv_shortcut.conv.", "skip."), ("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."),
+               ("to_v.", "v."), ("to_out.0.", "out.")]
+
+
+def vae_config_of(rc: dict, what: str) -> vae.VAEConfig:
+    """vae.VAEConfig (the release's layout options) of a release causal_video_vae/config.json."""
+    for key in rc:
+        if key not in VAE_DEFAULTS and key not in VAE_IGNORED:
+            fail(f"{what}: unknown config key {key!r}")
+    rc = {k: tuple(v) if isinstance(v, list) else v for k, v in {**VAE_DEFAULTS, **rc}.items()}
+    w, n = rc["encoder_block_out_channels"], len(rc["encoder_block_out_channels"])
+    same = [("decoder_block_out_channels", w), ("decoder_in_channels", rc["encoder_out_channels"]),
+            ("decoder_norm_num_groups", rc["encoder_norm_num_groups"]), ("encoder_in_channels", 3),
+            ("decoder_out_channels", 3), ("encoder_act_fn", "silu"), ("decoder_act_fn", "silu"),
+            ("encoder_double_z", True), ("interpolate", False), ("encoder_type", "causal_vae_conv"),
+            ("decoder_type", "causal_vae_conv"), ("encoder_down_block_types", ("DownEncoderBlockCausal3D",) * n),
+            ("decoder_up_block_types", ("UpDecoderBlockCausal3D",) * n)]
+    for key, value in same:
+        if rc[key] != value:
+            fail(f"{what}: {key}={rc[key]!r}; this converter reads the release's layout ({value!r})")
+    space, time = rc["encoder_spatial_down_sample"], rc["encoder_temporal_down_sample"]
+    for key in ("encoder_spatial_down_sample", "encoder_temporal_down_sample", "encoder_layers_per_block",
+                "decoder_spatial_up_sample", "decoder_temporal_up_sample", "decoder_layers_per_block"):
+        if len(rc[key]) != n:
+            fail(f"{what}: {key} has {len(rc[key])} entries for {n} levels")
+    # encoder level i resamples after its blocks; decoder up-block j undoes encoder level n-2-j's
+    for flags, up in ((space, "decoder_spatial_up_sample"), (time, "decoder_temporal_up_sample")):
+        if flags[-1] or tuple(rc[up]) != tuple(reversed(flags[:-1])) + (False,):
+            fail(f"{what}: {up}={rc[up]!r} does not undo the encoder's {flags!r} level by level")
+    return vae.VAEConfig(
+        latent_channels=rc["encoder_out_channels"], widths=w, spatial_factor=2 ** sum(space),
+        temporal_factor=2 ** sum(time), enc_blocks=rc["encoder_layers_per_block"],
+        dec_blocks=tuple(reversed(rc["decoder_layers_per_block"])),  # ours per level, top level first
+        norm_groups=rc["encoder_norm_num_groups"], kernel=3, time_padding="zeros", norm_eps=1e-6,
+        mid_attention=True, resampling="separate", spatial_steps=space[:-1], temporal_steps=time[:-1],
+        quant_convs=True)
+
+
+def vae_prefixes(cfg: vae.VAEConfig) -> dict:
+    """Our module prefix of each release module prefix that holds weights."""
+    names = {"quant_conv.": "encoder.quant.", "post_quant_conv.": "decoder.post_quant."}
+    for part in ("encoder", "decoder"):
+        names.update({f"{part}.{theirs}.": f"{part}.{ours}." for theirs, ours in (
+            ("conv_in", "conv_in"), ("conv_norm_out", "norm_out"), ("conv_out", "conv_out"),
+            ("mid_block.resnets.0", "mid.0"), ("mid_block.attentions.0", "mid.1"), ("mid_block.resnets.1", "mid.2"))})
+    n, steps = len(cfg.widths), vae._resampling(cfg) + [(False, False)]
+    enc, dec = vae._per_level(cfg.enc_blocks, n), vae._per_level(cfg.dec_blocks, n)
+    # the release's encoder down-block i is our level i, resampling by steps[i] after its blocks;
+    # its decoder up-block j is our level n-1-j, undoing steps[n-2-j] (j = n-1: index -1, none)
+    for part, way, levels in (("encoder", "down", [(i, enc[i], steps[i]) for i in range(n)]),
+                              ("decoder", "up", [(j, dec[n - 1 - j], steps[n - 2 - j]) for j in range(n)])):
+        k = 0
+        for j, blocks, step in levels:
+            theirs = f"{part}.{way}_blocks.{j}."
+            for r in range(blocks):
+                names[f"{theirs}resnets.{r}."], k = f"{part}.blocks.{k}.", k + 1
+            if any(step):
+                names[f"{theirs}{way}samplers.0.conv."] = f"{part}.blocks.{k}.space_conv."
+                names[f"{theirs}temporal_{way}samplers.0.conv."], k = f"{part}.blocks.{k}.time_conv.", k + 1
+    return names
+
+
+def vae_state(sd: dict, cfg: vae.VAEConfig, what: str, stats=((0.0, 1.0), (0.0, 1.0))) -> dict:
+    """This repo's CausalVAE state dict from the release's key names, its latent normalisation set to
+    `stats` ((shift, scale) of frame 0, of the later frames). Every key is used once: an unknown,
+    missing or misshapen one is a one-line error naming it (the release's name)."""
+    prefixes = vae_prefixes(cfg)
+    ours_of = {}
+    for key in sd:
+        p = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
+        rest = key[len(p):] if p else ""
+        rest = next((new + rest[len(old):] for old, new in VAE_RENAMES if rest.startswith(old)), rest)
+        ours_of[key] = prefixes[p] + rest if p else None
+    model = vae.CausalVAE(cfg).state_dict()
+    for key, ours in ours_of.items():
+        if ours not in model:
+            fail(f"{what}: unknown key {key}")
+        if sd[key].shape != model[ours].shape:
+            fail(f"{what}: {key} has shape {tuple(sd[key].shape)}, this config needs {tuple(model[ours].shape)}")
+    out = {ours: sd[key].float() for key, ours in ours_of.items()}
+    theirs_of = {v: k for k, v in prefixes.items()}
+    for ours in model:
+        if ours not in out and ours not in ("latent_shift", "latent_scale"):
+            p = max((p for p in theirs_of if ours.startswith(p)), key=len, default="")
+            rest = next((old + ours[len(p) + len(new):] for old, new in VAE_RENAMES
+                         if ours[len(p):].startswith(new)), ours[len(p):])
+            fail(f"{what}: missing key {theirs_of.get(p, '') + rest}")
+    stats = torch.tensor(stats, dtype=torch.float32)  # [frame 0 / later, shift / scale]
+    out["latent_shift"] = stats[:, 0:1].expand(2, cfg.latent_channels).clone()
+    out["latent_scale"] = stats[:, 1:2].expand(2, cfg.latent_channels).clone()
+    return out
+
+
+def convert_vae_folder(folder, dit_model="mmdit"):
+    """(vae_config_dict, state_dict) of this repo's vae.CausalVAE from a release causal_video_vae/
+    folder (config.json and weights). The latent normalisation is the release pipeline's for
+    `dit_model` ("mmdit": pyramid-flow-sd3, "flux": pyramid-flow-miniflux), so vae.normalize(z)
+    is what the release's DiT reads, and a latent the release extracted (a raw sample of the
+    posterior, unnormalised) becomes one of ours by vae.normalize."""
+    what = f"VAE folder {folder}"
+    rc = read_config(folder, what)
+    if rc.get("_class_name", "CausalVideoVAE") != "CausalVideoVAE":
+        fail(f"{what}: config.json is a {rc['_class_name']}, not the release's CausalVideoVAE")
+    cfg = vae_config_of(rc, what)
+    return dataclasses.asdict(cfg), vae_state(read_weights(folder, what), cfg, what, RELEASE_LATENT_STATS[dit_model])
 
 
 def vae_parity(fixture: dict) -> float:
-    """Largest absolute difference between vae.py and the release's outputs stored in `fixture`."""
-    raise NotImplementedError("release-vae: the causal VAE's parity")
+    """Largest absolute difference between vae.py and the release's outputs stored in `fixture`: the
+    posterior's mean and log-variance of vae/video (encoded in one call and in chunks of one latent
+    frame) and the decoding of vae/latent_mean (all raw, before the pipeline's normalisation)."""
+    cfg = vae_config_of(fixture["vae/config"], "fixture vae/config")
+    net = vae.CausalVAE(cfg).eval()
+    net.load_state_dict(vae_state(fixture["vae/state_dict"], cfg, "fixture vae/state_dict"))
+    err = 0.0
+    with torch.no_grad():
+        for chunk in (None, 1):
+            mean, logvar = net.posterior(fixture["vae/video"].float(), chunk=chunk)
+            err = max(err, (mean - fixture["vae/latent_mean"]).abs().max().item(),
+                      (logvar - fixture["vae/latent_logvar"]).abs().max().item())
+        decoded = net.decode(fixture["vae/latent_mean"].float())
+    return max(err, (decoded - fixture["vae/decoded"]).abs().max().item())
 
 
 # ---- command line (release-mmdit)

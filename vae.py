@@ -9,7 +9,9 @@ Tensor legend: video [B, C, T, H, W] (pixels in [-1, 1]); latents [B, C, T, h, w
 T = 1 + k latent frames, h = H/s, w = W/s for spatial factor s and temporal factor f.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,13 +25,22 @@ class VAEConfig:
     widths: tuple = (128, 256, 512, 512)  # channels per level; len(widths) - 1 resampling steps
     spatial_factor: int = 8               # s: a power of 2, <= 2 ** (len(widths) - 1)
     temporal_factor: int = 8              # f: a power of 2, <= 2 ** (len(widths) - 1)
-    enc_blocks: int = 2                   # ResNet blocks per encoder level
-    dec_blocks: int = 3                   # per decoder level: asymmetric, the decoder is deeper
+    enc_blocks: int | tuple = 2           # ResNet blocks per encoder level (or one count per level)
+    dec_blocks: int | tuple = 3           # per decoder level: asymmetric, the decoder is deeper
     norm_groups: int = 32                 # per-frame GroupNorm groups; 0: no normalisation
     kernel: int = 3                       # conv kernel in t, h and w
     logvar_init: float = 0.0              # bias of the logvar output at init (see Encoder)
     logvar_min: float = -30.0             # clamp of the posterior log-variance: exp() stays finite
     logvar_max: float = 20.0
+    # The authors' release differs in layout; convert.py sets these to load its weights
+    # (each default is this repo's, the value in brackets the release's):
+    time_padding: str = "replicate"       # front padding in time: a still past, or "zeros" (zeros)
+    norm_eps: float = 1e-5                # GroupNorm epsilon (1e-6)
+    mid_attention: bool = False           # single-head attention per frame between the mid blocks (True)
+    resampling: str = "joint"             # one conv per step, or "separate" space and time convs ("separate")
+    spatial_steps: tuple = ()             # which of the len(widths)-1 steps halve space; (): the first
+    temporal_steps: tuple = ()            # which halve time; (): the last (the release's config says)
+    quant_convs: bool = False             # 1x1x1 convs after the encoder and before the decoder (True)
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of `frames` pixel frames: 1 + f*k -> 1 + k (latent 0 is the image
@@ -52,14 +63,16 @@ VAE_SIZES = {
 
 
 class CausalConv3d(nn.Module):
-    """3D conv padded in front in time only, by replicating the first frame (as if the clip had
-    been still before it started: a one-frame clip then behaves like an image), and zero-padded
-    "same" in space. While decoding in chunks (`stream`), the last kt-1 input frames are kept and
-    replace the replicate padding of the next chunk, so chunked output equals the full output."""
+    """3D conv padded in front in time only (output frame j reads input frames <= stride * j),
+    "same" zero-padded in space. The front padding replicates the first frame (as if the clip had
+    been still before it started: a one-frame clip then behaves like an image) or, with
+    padding="zeros", is zeros (the release). While a clip is fed in time chunks (`stream`), the
+    input frames the next output still reads (at most kt - 1) are kept and replace the padding
+    of the next chunk, so chunked output equals the full output."""
 
-    def __init__(self, c_in, c_out, kernel=3, stride=(1, 1, 1)):
+    def __init__(self, c_in, c_out, kernel=3, stride=(1, 1, 1), padding="replicate"):
         super().__init__()
-        self.time_pad = kernel - 1
+        self.time_pad, self.time_stride, self.zeros = kernel - 1, stride[0], padding == "zeros"
         self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
         # He init (torch's default is ~2.5x smaller: a toy run measured 2 dB worse at 300 steps).
         # The earlier time taps start at zero: the net starts as a per-frame image net and learns
@@ -71,11 +84,20 @@ class CausalConv3d(nn.Module):
         self.stream, self.cache = False, None
 
     def forward(self, x):
-        front = self.cache if self.cache is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+        if self.cache is not None:
+            front = self.cache
+        elif self.zeros:
+            front = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
+        else:
+            front = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
         x = torch.cat([front, x], dim=2)  # [B, C, time_pad + T, H, W]
-        if self.stream:
-            self.cache = x[:, :, x.shape[2] - self.time_pad:]
+        if self.stream:  # keep the frames from the next output's first tap on
+            outputs = (x.shape[2] - self.time_pad - 1) // self.time_stride + 1
+            self.cache = x[:, :, outputs * self.time_stride:]  # [B, C, <= time_pad, H, W]
         return self.conv(x)
+
+    def reset(self):
+        self.stream, self.cache = False, None
 
 
 class FrameNorm(nn.GroupNorm):
@@ -88,18 +110,22 @@ class FrameNorm(nn.GroupNorm):
         return rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=t)
 
 
-def frame_norm(groups, channels):
-    """FrameNorm with `groups` groups; groups = 0 means no normalisation (the identity)."""
-    return FrameNorm(groups, channels) if groups else nn.Identity()
+def frame_norm(cfg, channels):
+    """FrameNorm with cfg.norm_groups groups; 0 groups means no normalisation (the identity)."""
+    return FrameNorm(cfg.norm_groups, channels, eps=cfg.norm_eps) if cfg.norm_groups else nn.Identity()
+
+
+def causal_conv(cfg, c_in, c_out, kernel=None, stride=(1, 1, 1)):
+    return CausalConv3d(c_in, c_out, cfg.kernel if kernel is None else kernel, stride, cfg.time_padding)
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, cfg):
         super().__init__()
-        self.norm1 = frame_norm(cfg.norm_groups, c_in)
-        self.conv1 = CausalConv3d(c_in, c_out, cfg.kernel)
-        self.norm2 = frame_norm(cfg.norm_groups, c_out)
-        self.conv2 = CausalConv3d(c_out, c_out, cfg.kernel)
+        self.norm1 = frame_norm(cfg, c_in)
+        self.conv1 = causal_conv(cfg, c_in, c_out)
+        self.norm2 = frame_norm(cfg, c_out)
+        self.conv2 = causal_conv(cfg, c_out, c_out)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         # The residual branch starts at zero: every block starts as its skip path (SkipInit).
         nn.init.zeros_(self.conv2.conv.weight)
@@ -110,77 +136,149 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
-    """Halves space (strided conv) and/or time. In time, the two pixel frames 2j-1 and 2j that
-    latent frame j summarises are stacked as channels before the conv (frame 0, alone in its
-    span, is paired with itself, as the replicate padding would), so every output sees both
-    frames of its span from the start: 1 + 2m -> 1 + m frames. The conv is causal over the
-    stacked pairs, so output j reads input frames <= 2j only."""
+class FrameAttention(nn.Module):
+    """Single-head self-attention among the h*w positions of each frame (per frame: causal),
+    pre-normalised and residual: the release's middle blocks hold one between their ResBlocks."""
+
+    def __init__(self, c, cfg):
+        super().__init__()
+        self.norm = frame_norm(cfg, c)
+        self.q, self.k, self.v, self.out = (nn.Linear(c, c) for _ in range(4))
+        nn.init.zeros_(self.out.weight)  # starts as the identity, like the ResBlocks
+
+    def forward(self, x):
+        t, h = x.shape[2], x.shape[3]
+        a = rearrange(self.norm(x), "b c t h w -> (b t) (h w) c")
+        a = F.scaled_dot_product_attention(self.q(a), self.k(a), self.v(a))  # scale 1/sqrt(c)
+        return x + rearrange(self.out(a), "(b t) (h w) c -> b c t h w", t=t, h=h)
+
+
+class Streaming(nn.Module):
+    """A resampler whose first call holds the clip's frame 0; while a clip is fed in time chunks
+    (`stream`), only the first chunk does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stream, self.seen_first = False, False
+
+    def first_call(self):
+        """True on the call that holds frame 0 (then remembers, while streaming, that it passed)."""
+        first, self.seen_first = not self.seen_first, self.stream
+        return first
+
+    def reset(self):
+        self.stream, self.seen_first = False, False
+
+
+class Downsample(Streaming):
+    """Halves space and/or time at the end of an encoder level.
+    "joint": one conv. In time, the two pixel frames 2j-1 and 2j that latent frame j summarises
+    are stacked as channels before it (frame 0, alone in its span, is paired with itself, as the
+    replicate padding would), so every output sees both frames of its span from the start:
+    1 + 2m -> 1 + m frames; the conv is causal over the stacked pairs: output j reads frames <= 2j.
+    "separate" (the release): a conv of stride 2 in space, then a causal conv of stride 2 in time
+    (output j reads frames 2j-2, 2j-1, 2j: 1 + 2m -> 1 + m frames)."""
 
     def __init__(self, c, cfg, space, time):
         super().__init__()
-        self.time = time
-        self.conv = CausalConv3d(c * (1 + time), c, cfg.kernel, stride=(1, 1 + space, 1 + space))
+        self.time, self.joint = time, cfg.resampling == "joint"
+        if self.joint:
+            self.conv = causal_conv(cfg, c * (1 + time), c, stride=(1, 1 + space, 1 + space))
+        else:
+            self.space_conv = causal_conv(cfg, c, c, stride=(1, 2, 2)) if space else None
+            self.time_conv = causal_conv(cfg, c, c, stride=(2, 1, 1)) if time else None
 
     def forward(self, x):
+        if not self.joint:
+            for conv in (self.space_conv, self.time_conv):
+                x = x if conv is None else conv(x)
+            return x
         if self.time:
-            x = torch.cat([x[:, :, :1], x], dim=2)  # [B, C, 2 + 2m, H, W]: frame 0 twice
+            if self.first_call():
+                x = torch.cat([x[:, :, :1], x], dim=2)  # [B, C, 2 + 2m, H, W]: frame 0 twice
             x = rearrange(x, "b c (t r) h w -> b (c r) t h w", r=2)  # [B, 2C, 1 + m, H, W]
         return self.conv(x)
 
 
-class Upsample(nn.Module):
-    """Doubles space (nearest x2, then the conv) and/or time (sub-pixel in time: the conv makes
-    2C channels per latent-rate frame, split into the frames 2j-1 and 2j of latent j's span).
-    The first sub-frame of the clip's first frame is dropped (latent 0 is the image frame alone):
-    1 + m -> 1 + 2m. While streaming, only the first chunk holds that frame."""
+class Upsample(Streaming):
+    """Doubles space and/or time at the end of a decoder level. In time, sub-pixel: a conv makes
+    2C channels per latent-rate frame, unpacked as (c r) into the frames 2j-1 and 2j of latent
+    j's span; the first sub-frame of the clip's first frame is dropped (latent 0 is the image
+    frame alone): 1 + m -> 1 + 2m. In space, "joint": nearest x2, then one conv making the time
+    channels too; "separate" (the release): a conv making 4C channels unpacked as (c p q) into
+    2x2 pixels, then a second conv for time."""
 
     def __init__(self, c, cfg, space, time):
         super().__init__()
-        self.space, self.time = space, time
-        self.conv = CausalConv3d(c, c * (1 + time), cfg.kernel)
-        if time:  # both sub-frames start as the same map (nearest repeat), then learn to differ
-            with torch.no_grad():
-                self.conv.conv.weight[1::2] = self.conv.conv.weight[0::2]
-                self.conv.conv.bias[1::2] = self.conv.conv.bias[0::2]
-        self.stream, self.seen_first = False, False
+        self.space, self.time, self.joint = space, time, cfg.resampling == "joint"
+        if self.joint:
+            self.conv = causal_conv(cfg, c, c * (1 + time))
+            if time:  # both sub-frames start as the same map (nearest repeat), then learn to differ
+                with torch.no_grad():
+                    self.conv.conv.weight[1::2] = self.conv.conv.weight[0::2]
+                    self.conv.conv.bias[1::2] = self.conv.conv.bias[0::2]
+        else:
+            self.space_conv = causal_conv(cfg, c, 4 * c) if space else None
+            self.time_conv = causal_conv(cfg, c, 2 * c) if time else None
 
     def forward(self, x):
+        if self.joint:
+            if self.space:
+                x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # [B, C, T, 2H, 2W]
+            return self._split_time(self.conv(x)) if self.time else self.conv(x)
         if self.space:
-            x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # [B, C, T, 2H, 2W]
-        x = self.conv(x)
-        if self.time:
-            x = rearrange(x, "b (c r) t h w -> b c (t r) h w", r=2)  # [B, C, 2T, H, W]
-            if not self.seen_first:
-                x = x[:, :, 1:]  # [B, C, 2T - 1, H, W]: latent 0 spans the image frame only
-            self.seen_first = self.stream
-        return x
+            # [B, 4C, T, H, W] -> [B, C, T, 2H, 2W]
+            x = rearrange(self.space_conv(x), "b (c p q) t h w -> b c t (h p) (w q)", p=2, q=2)
+        return self._split_time(self.time_conv(x)) if self.time else x
+
+    def _split_time(self, x):
+        x = rearrange(x, "b (c r) t h w -> b c (t r) h w", r=2)  # [B, C, 2T, H, W]
+        return x[:, :, 1:] if self.first_call() else x  # [B, C, 2T - 1, H, W] on frame 0's call
 
 
 def _resampling(cfg):
     """(space, time) flags of each of the len(widths) - 1 resampling steps, from the top level:
-    space at the first log2(s) steps, time at the last log2(f) (cheapest at low resolution)."""
+    by default space at the first log2(s) steps, time at the last log2(f) (cheapest at low
+    resolution); cfg.spatial_steps / temporal_steps name them explicitly."""
     n = len(cfg.widths) - 1
     ls, lt = int(math.log2(cfg.spatial_factor)), int(math.log2(cfg.temporal_factor))
     if 2 ** ls != cfg.spatial_factor or 2 ** lt != cfg.temporal_factor or max(ls, lt) > n:
         raise ValueError(f"factors s={cfg.spatial_factor}, f={cfg.temporal_factor} must be powers of 2 <= 2**{n}")
-    return [(i < ls, i >= n - lt) for i in range(n)]
+    space = tuple(cfg.spatial_steps) or tuple(i < ls for i in range(n))
+    time = tuple(cfg.temporal_steps) or tuple(i >= n - lt for i in range(n))
+    if len(space) != n or len(time) != n or sum(space) != ls or sum(time) != lt:
+        raise ValueError(f"spatial_steps {space} / temporal_steps {time} must be {n} flags making s and f")
+    return list(zip(space, time))
+
+
+def _per_level(blocks, n):
+    """ResNet blocks per level: one count for all n levels, or a count per level."""
+    return (blocks,) * n if isinstance(blocks, int) else tuple(blocks)
+
+
+def _middle(cfg):
+    c = cfg.widths[-1]
+    attention = [FrameAttention(c, cfg)] if cfg.mid_attention else []
+    return nn.Sequential(ResBlock(c, c, cfg), *attention, ResBlock(c, c, cfg))
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w = cfg.widths
-        self.conv_in = CausalConv3d(3, w[0], cfg.kernel)
+        blocks = _per_level(cfg.enc_blocks, len(w))
+        self.conv_in = causal_conv(cfg, 3, w[0])
         self.blocks = nn.ModuleList()
         for i, (space, time) in enumerate(_resampling(cfg) + [(False, False)]):
-            for j in range(cfg.enc_blocks):
+            for j in range(blocks[i]):
                 self.blocks.append(ResBlock(w[i - 1] if j == 0 and i > 0 else w[i], w[i], cfg))
             if space or time:
                 self.blocks.append(Downsample(w[i], cfg, space, time))
-        self.mid = nn.Sequential(ResBlock(w[-1], w[-1], cfg), ResBlock(w[-1], w[-1], cfg))
-        self.norm_out = frame_norm(cfg.norm_groups, w[-1])
-        self.conv_out = CausalConv3d(w[-1], 2 * cfg.latent_channels, cfg.kernel)  # mean and logvar
+        self.mid = _middle(cfg)
+        self.norm_out = frame_norm(cfg, w[-1])
+        self.conv_out = causal_conv(cfg, w[-1], 2 * cfg.latent_channels)  # mean and logvar
+        c2 = 2 * cfg.latent_channels
+        self.quant = causal_conv(cfg, c2, c2, kernel=1) if cfg.quant_convs else nn.Identity()
         # A short run cannot wait for the encoder to shrink the posterior std from 1 (noise that
         # buries the small initial means): the toy starts it small; the KL term still acts.
         nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels:], cfg.logvar_init)
@@ -189,30 +287,46 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in self.blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.quant(self.conv_out(F.silu(self.norm_out(self.mid(x)))))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        w = cfg.widths
-        self.conv_in = CausalConv3d(cfg.latent_channels, w[-1], cfg.kernel)
-        self.mid = nn.Sequential(ResBlock(w[-1], w[-1], cfg), ResBlock(w[-1], w[-1], cfg))
+        w, c = cfg.widths, cfg.latent_channels
+        blocks = _per_level(cfg.dec_blocks, len(w))
+        self.post_quant = causal_conv(cfg, c, c, kernel=1) if cfg.quant_convs else nn.Identity()
+        self.conv_in = causal_conv(cfg, c, w[-1])
+        self.mid = _middle(cfg)
         self.blocks = nn.ModuleList()
         steps = _resampling(cfg)
         for i in reversed(range(len(w))):
-            for j in range(cfg.dec_blocks):
+            for j in range(blocks[i]):
                 self.blocks.append(ResBlock(w[i + 1] if j == 0 and i + 1 < len(w) else w[i], w[i], cfg))
             if i > 0 and any(steps[i - 1]):
                 self.blocks.append(Upsample(w[i], cfg, *steps[i - 1]))
-        self.norm_out = frame_norm(cfg.norm_groups, w[0])
-        self.conv_out = CausalConv3d(w[0], 3, cfg.kernel)
+        self.norm_out = frame_norm(cfg, w[0])
+        self.conv_out = causal_conv(cfg, w[0], 3)
 
     def forward(self, z):
-        x = self.mid(self.conv_in(z))
+        x = self.mid(self.conv_in(self.post_quant(z)))
         for block in self.blocks:
             x = block(x)
         return self.conv_out(F.silu(self.norm_out(x)))
+
+
+@contextmanager
+def streaming(net):
+    """Within: `net` is fed one clip in time chunks, in order (its causal convs carry their last
+    input frames over, only the first chunk holds frame 0). After: no state is left behind."""
+    parts = [m for m in net.modules() if isinstance(m, (CausalConv3d, Streaming))]
+    for m in parts:
+        m.stream = True
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.reset()
 
 
 def _sample(mean, logvar, generator=None):
@@ -246,15 +360,27 @@ class CausalVAE(nn.Module):
         if x.shape[3] % s or x.shape[4] % s:
             raise ValueError(f"size {x.shape[3]}x{x.shape[4]} is not divisible by the spatial factor {s}")
 
-    def posterior(self, x):
-        """pixels [B, 3, 1 + f*k, H, W] -> mean, logvar, each [B, C, 1 + k, H/s, W/s]."""
+    def posterior(self, x, chunk=None):
+        """pixels [B, 3, 1 + f*k, H, W] -> mean, logvar, each [B, C, 1 + k, H/s, W/s].
+        chunk: latent frames per encoder call (None: one call). Pixel frame 0 goes alone first,
+        then f*chunk frames a call, the causal convs carrying their last input frames over (at
+        most kernel - 1 each): equal to one call up to float round-off (no layer mixes frames
+        but the causal convs: GroupNorm and attention are per frame). Memory is bounded: a call
+        holds the activations of f*chunk (+ kernel - 1) frames, whatever the clip's length."""
         self.check_input(x)
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        f, frames = self.cfg.temporal_factor, x.shape[2]
+        if chunk is None or 1 + f * chunk >= frames:
+            moments = self.encoder(x)  # [B, 2C, 1 + k, h, w]
+        else:
+            with streaming(self.encoder):
+                spans = [x[:, :, :1]] + [x[:, :, i:i + f * chunk] for i in range(1, frames, f * chunk)]
+                moments = torch.cat([self.encoder(span) for span in spans], dim=2)
+        mean, logvar = moments.chunk(2, dim=1)  # the release's order: [mean | logvar]
         return mean, logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
 
-    def encode(self, x, sample=False, generator=None):
-        """pixels -> latents: the posterior mean, or a sample of it."""
-        mean, logvar = self.posterior(x)
+    def encode(self, x, sample=False, generator=None, chunk=None):
+        """pixels -> latents: the posterior mean, or a sample of it. chunk: see posterior."""
+        mean, logvar = self.posterior(x, chunk)
         return _sample(mean, logvar, generator) if sample else mean
 
     @property
@@ -272,16 +398,8 @@ class CausalVAE(nn.Module):
         """Decode latent frames `chunk` at a time; causal convs carry their last frames over."""
         if chunk is None or chunk >= z.shape[2]:
             return self.decoder(z)
-        streaming = [m for m in self.decoder.modules() if isinstance(m, (CausalConv3d, Upsample))]
-        for m in streaming:
-            m.stream = True
-        try:
+        with streaming(self.decoder):
             return torch.cat([self.decoder(z[:, :, i:i + chunk]) for i in range(0, z.shape[2], chunk)], dim=2)
-        finally:
-            for m in streaming:  # leave no state behind: the next call starts a new clip
-                m.stream, m.cache = False, None
-                if isinstance(m, Upsample):
-                    m.seen_first = False
 
     def decode(self, z, chunk=None, tile=None, overlap=None):
         """latents [B, C, 1 + k, h, w] -> pixels [B, 3, 1 + f*k, s*h, s*w].
