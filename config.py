@@ -87,6 +87,7 @@ class Config:
     prediction: str = "v"          # the network predicts v (the paper) | x (pf.velocity_from_clean)
     positions: str = "extrapolate"  # current frame on its own grid (paper) | "interpolate": the full one
     history_time: str = "clean"    # history modulated at t = 1 (KV cache) | "current" (the release)
+    layout: str = "paper"          # the MM-DiT's positions, time input, q/k eps | "release": dit.RELEASE_LAYOUT
     grad_checkpointing: bool = False
     # sampling at the end of a video run (also sample.py's defaults)
     eval_captions: int = 48        # captions sampled and scored at the end (0: none)
@@ -272,7 +273,8 @@ def choices():
     """The allowed values of the settings that name something."""
     return dict(task=TASK_NAMES, data=TOY_DATA, model=dit.SIZES, vae_size=vae.VAE_SIZES,
                 coupling=("coupled", "independent"), pixel_loss=("mse", "l1"), lr_decay=("none", "cosine"),
-                prediction=("v", "x"), positions=("extrapolate", "interpolate"), history_time=("clean", "current"))
+                prediction=("v", "x"), positions=("extrapolate", "interpolate"), history_time=("clean", "current"),
+                layout=("paper", "release"))
 
 
 def validate_settings(cfg):
@@ -320,8 +322,9 @@ def dit_config(cfg, **changes):
     sizes = {f: getattr(cfg, f) for f in ("width", "depth", "heads") if getattr(cfg, f)}
     if cfg.patch:
         sizes["patch_size"] = cfg.patch
+    layout = dit.RELEASE_LAYOUT if cfg.layout == "release" else {}
     return dataclasses.replace(dit.SIZES[cfg.model], causal=cfg.causal, grad_checkpointing=cfg.grad_checkpointing,
-                               history_time=cfg.history_time, **sizes, **changes)
+                               history_time=cfg.history_time, **sizes, **layout, **changes)
 
 
 def phase_data(cfg):

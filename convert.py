@@ -13,9 +13,10 @@ import sys
 import torch
 from einops import rearrange
 
+import config
 import dit
 import vae
-from common import fail
+from common import boolean, check_writable_dir, fail, key_values, save_torch, wants_help
 
 
 # ---- the MM-DiT (release-mmdit)
@@ -51,20 +52,21 @@ def dit_config_of(rc: dict, what: str, sd3: bool = False) -> dit.DiTConfig:
             text_dim=rc["joint_attention_dim"], pooled_dim=rc["pooled_projection_dim"], norm_eps=1e-6,
             causal=rc.get("use_temporal_causal", True), history_time="current", time_input="release",
             # the table spaces sample_size / p tokens over its N rows (SD3's base size)
-            pos_table=table, pos_spacing=(rc.get("sample_size", 128) // p) / table, qk_norm_eps=1e-6 if sd3 else 1e-5)
+            pos_table=table, pos_spacing=(rc.get("sample_size", 128) // p) / table, qk_norm_eps=1e-5)
     except KeyError as e:
         fail(f"{what}: config.json lacks {e.args[0]!r}")
 
 
-def mmdit_state(sd: dict, cfg: dit.DiTConfig, what: str, fill_qk_norm: bool = False) -> dict:
+def mmdit_state(sd: dict, cfg: dit.DiTConfig, what: str, sd3: bool = False) -> dict:
     """This repo's MMDiT state dict from the release's (or diffusers SD3's) key names. Every key is
-    used once: an unknown or a missing one is a one-line error naming it. fill_qk_norm: q/k norm
-    scales absent (SD3 Medium has none) start at 1, as a newly added RMSNorm does in the release."""
+    used once: an unknown or a missing one is a one-line error naming it. sd3: q/k norm scales
+    absent (SD3 Medium has none) start at 1, as the release's newly added RMSNorms do, and the
+    position table may be absent (it is computed, not learned)."""
     sd, out = dict(sd), {}
 
     def take(key):
         if key not in sd:
-            if fill_qk_norm and ".norm_" in key:
+            if sd3 and ".norm_" in key:
                 return torch.ones(cfg.width // cfg.heads)
             fail(f"{what}: missing key {key}")
         return sd.pop(key).float()
@@ -75,10 +77,10 @@ def mmdit_state(sd: dict, cfg: dit.DiTConfig, what: str, fill_qk_norm: bool = Fa
     def linear(ours, theirs, f=lambda x: x):
         out[ours + ".weight"], out[ours + ".bias"] = f(take(theirs + ".weight")), f(take(theirs + ".bias"))
 
-    table = take("pos_embed.pos_embed")[0]                                     # [N*N, D]
     N = cfg.pos_table
-    ours = dit.table_embedding(N, N, (N, N), cfg) if table.shape[0] == N * N else None
-    if ours is None or ours.shape != table.shape or (ours - table).abs().max() > 1e-4:
+    ours = dit.table_embedding(N, N, (N, N), cfg)                               # [N*N, D]
+    table = take("pos_embed.pos_embed")[0] if "pos_embed.pos_embed" in sd or not sd3 else ours
+    if ours.shape != table.shape or (ours - table).abs().max() > 1e-4:
         fail(f"{what}: pos_embed.pos_embed is not the sin-cos table this layout computes")
     out["x_embedder.weight"] = take("pos_embed.proj.weight").flatten(1)     # [D, C*p*p], (c p1 p2) as ours
     out["x_embedder.bias"] = take("pos_embed.proj.bias")
@@ -313,8 +315,110 @@ def vae_parity(fixture: dict) -> float:
 
 
 # ---- command line (release-mmdit)
+RESOLUTIONS = {"384p": 2, "768p": 3}  # the release's DiT folders -> the full recipe's phase of that size
+OPTIONS = dict(  # --key=value: (default, meaning)
+    release=("", "the release folder as downloaded (pyramid-flow-sd3): its DiT folders and VAE"),
+    sd3=("", "a diffusers SD3 folder (or its transformer/): the paper-size MM-DiT for train.py --init_from"),
+    check=("", "a release fixture (../shared/fixtures/release_tiny.pt): print the parity of dit.py and vae.py"),
+    out=("release", "the folder the checkpoints go to: dit_384p.pt, dit_768p.pt, vae.pt, sd3_init.pt"),
+    overwrite=("false", "replace checkpoints that already exist in --out"),
+)
+
+
+def run_settings(phase: int, **changes) -> dict:
+    """The train.py settings a converted checkpoint implies: the full recipe's phase of its size
+    (384p: 384x640, 121 frames; 768p: 768x1280, 241), the release's layout and history modulation,
+    and sample.py's defaults the release recommends (20/20/20 steps, guidance 7; later 10/10/10, 5)."""
+    settings = config.preset_settings("full", str(phase)) | dict(preset="full", phase=phase, layout="release",
+                                                                  history_time="current")
+    return dataclasses.asdict(dataclasses.replace(config.Config(), **settings, **changes))
+
+
+def dit_checkpoint(cfg: dit.DiTConfig, state: dict, settings: dict) -> dict:
+    """A checkpoint as train.py's full recipe writes it (sample.py --ckpt, train.py --init_from)."""
+    weights = {"net.dit." + k: v.contiguous() for k, v in state.items()}
+    return dict(kind="pyramid-flow", task="video", config=settings, dit_config=dataclasses.asdict(cfg),
+                model=weights, ema=weights, vae=None, vae_config=None, text_features=True, step=0)
+
+
+def convert_dit_folder(folder: str):
+    """(DiTConfig, state dict) of a release diffusion_transformer_* folder."""
+    cfg = dit_config_of(read_config(folder, folder), f"{folder}/config.json")
+    return cfg, mmdit_state(read_weights(folder, folder), cfg, folder)
+
+
+def convert_sd3(folder: str):
+    """(DiTConfig, state dict) of a diffusers SD3 transformer, as the release starts from it: its
+    layout (SD3's own table, time input and velocity sign), history modulated at the current time,
+    q/k norm scales 1 where SD3 Medium has none, and the release's q/k eps."""
+    if os.path.isdir(os.path.join(folder, "transformer")):
+        folder = os.path.join(folder, "transformer")
+    cfg = dit_config_of(read_config(folder, folder), f"{folder}/config.json", sd3=True)
+    return cfg, mmdit_state(read_weights(folder, folder), cfg, folder, sd3=True)
+
+
+def check(path: str):
+    if not os.path.isfile(path):
+        fail(f"no fixture at {path}")
+    try:
+        fixture = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
+        fail(f"{path} is not a readable fixture ({type(e).__name__})")
+    missing = [k for k in ("mmdit/config", "mmdit/state_dict", "vae/config", "vae/state_dict") if k not in fixture]
+    if missing:
+        fail(f"{path} is not a release fixture (no {missing[0]}; layout: ../shared/fixtures/README.md)")
+    print(f"release parity: mmdit max abs err {mmdit_parity(fixture):.2e}, vae max abs err {vae_parity(fixture):.2e}")
+
+
 def main(argv):
-    fail("convert.py: not written yet")
+    if wants_help(argv):
+        print(__doc__.strip() + "\n\noptions (--key=value):")
+        for key, (default, meaning) in OPTIONS.items():
+            print(f"  --{key:<10} {meaning}" + (f" [{default}]" if default else ""))
+        return
+    o = {key: default for key, (default, _) in OPTIONS.items()}
+    for key, value in key_values(argv, "python convert.py --help lists the options"):
+        if key not in o:
+            fail(f"unknown option --{key}; python convert.py --help lists the options")
+        o[key] = value
+    if sum(bool(o[k]) for k in ("release", "sd3", "check")) != 1:
+        fail("give one of --release=DIR, --sd3=DIR and --check=FIXTURE (python convert.py --help)")
+    if o["check"]:
+        return check(o["check"])
+    source = o["release"] or o["sd3"]
+    if not os.path.isdir(source):
+        fail(f"no folder at {source}")
+    # every output is named and refused before any work
+    if o["release"]:
+        dits = [r for r in RESOLUTIONS if os.path.isdir(os.path.join(source, f"diffusion_transformer_{r}"))]
+        if not dits:
+            fail(f"{source} has no diffusion_transformer_384p/ or _768p/ (the release folder as downloaded)")
+        has_vae = os.path.isdir(os.path.join(source, "causal_video_vae"))
+        outs = [f"dit_{r}.pt" for r in dits] + (["vae.pt"] if has_vae else [])
+    else:
+        outs = ["sd3_init.pt"]
+    check_writable_dir("out", o["out"])
+    for name in outs:
+        if os.path.exists(os.path.join(o["out"], name)) and not boolean("overwrite", o["overwrite"]):
+            fail(f"{os.path.join(o['out'], name)} exists; pass --overwrite=true to replace it")
+    os.makedirs(o["out"], exist_ok=True)
+    out = lambda name: os.path.join(o["out"], name)  # noqa: E731
+    if o["sd3"]:
+        cfg, state = convert_sd3(source)
+        save_torch(out("sd3_init.pt"), dit_checkpoint(cfg, state, run_settings(1)))
+        print(f"wrote {out('sd3_init.pt')}: train with python train.py --preset=full --layout=release "
+              f"--history_time=current --init_from={out('sd3_init.pt')}")
+        return
+    vae_path = os.path.abspath(out("vae.pt")) if has_vae else ""
+    if has_vae:
+        vae_cfg, vae_state = convert_vae_folder(os.path.join(source, "causal_video_vae"))
+        save_torch(out("vae.pt"), dict(kind="causal-vae", config=vae_cfg, model=vae_state))
+        print(f"wrote {out('vae.pt')}")
+    for r in dits:
+        cfg, state = convert_dit_folder(os.path.join(source, f"diffusion_transformer_{r}"))
+        settings = run_settings(RESOLUTIONS[r], text_encoder="sd3:" + os.path.abspath(source), vae_ckpt=vae_path)
+        save_torch(out(f"dit_{r}.pt"), dit_checkpoint(cfg, state, settings))
+        print(f"wrote {out(f'dit_{r}.pt')}")
 
 
 if __name__ == "__main__":
