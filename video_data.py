@@ -345,7 +345,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
                 _check_bad(bad, len(share), f"videos/images of rank {rank}")
                 continue
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                z = vae.normalize(vae.encode(clip[None].to(device)))             # [1, C, T, h, w]
+                z = vae.normalize(vae.encode(clip[None].to(device), chunk=max(1, 16 // f)))  # [1, C, T, h, w]
             save_torch(path, z.to("cpu", STORE_DTYPE), rank)
             T = z.shape[2]
         lines.append(json.dumps({**entry, "latent": name, "text_fea": text_name(entry["text"]), "latent_frames": T}))
