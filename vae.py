@@ -7,6 +7,9 @@ latents and latent 0 is an image latent: images are one-frame videos of the same
 
 Tensor legend: video [B, C, T, H, W] (pixels in [-1, 1]); latents [B, C, T, h, w] with
 T = 1 + k latent frames, h = H/s, w = W/s for spatial factor s and temporal factor f.
+
+The defaults are this repository's layout; the authors' release differs in a few places, each a
+VAEConfig option (convert.py sets them to load the release's weights, to about 1e-5).
 """
 import math
 from contextlib import contextmanager
@@ -26,20 +29,20 @@ class VAEConfig:
     spatial_factor: int = 8               # s: a power of 2, <= 2 ** (len(widths) - 1)
     temporal_factor: int = 8              # f: a power of 2, <= 2 ** (len(widths) - 1)
     enc_blocks: int | tuple = 2           # ResNet blocks per encoder level (or one count per level)
-    dec_blocks: int | tuple = 3           # per decoder level: asymmetric, the decoder is deeper
+    dec_blocks: int | tuple = 3           # per decoder level (top first): the decoder is deeper
     norm_groups: int = 32                 # per-frame GroupNorm groups; 0: no normalisation
     kernel: int = 3                       # conv kernel in t, h and w
     logvar_init: float = 0.0              # bias of the logvar output at init (see Encoder)
     logvar_min: float = -30.0             # clamp of the posterior log-variance: exp() stays finite
     logvar_max: float = 20.0
-    # The authors' release differs in layout; convert.py sets these to load its weights
-    # (each default is this repo's, the value in brackets the release's):
-    time_padding: str = "replicate"       # front padding in time: a still past, or "zeros" (zeros)
+    # The authors' release differs in layout: convert.py sets these to load its weights (each
+    # default is this repository's, the release's value in brackets)
+    time_padding: str = "replicate"       # front of a clip in time: copies of frame 0 or "zeros" ("zeros")
     norm_eps: float = 1e-5                # GroupNorm epsilon (1e-6)
-    mid_attention: bool = False           # single-head attention per frame between the mid blocks (True)
-    resampling: str = "joint"             # one conv per step, or "separate" space and time convs ("separate")
-    spatial_steps: tuple = ()             # which of the len(widths)-1 steps halve space; (): the first
-    temporal_steps: tuple = ()            # which halve time; (): the last (the release's config says)
+    mid_attention: bool = False           # single-head attention per frame between the mid ResBlocks (True)
+    resampling: str = "joint"             # one conv a step, or "separate" convs for space and time ("separate")
+    spatial_steps: tuple = ()             # flags: which of the len(widths)-1 steps halve space; (): the first
+    temporal_steps: tuple = ()            # which halve time; (): the last (the release's config.json names them)
     quant_convs: bool = False             # 1x1x1 convs after the encoder and before the decoder (True)
 
     def latent_frames(self, frames: int) -> int:
@@ -240,6 +243,8 @@ def _resampling(cfg):
     """(space, time) flags of each of the len(widths) - 1 resampling steps, from the top level:
     by default space at the first log2(s) steps, time at the last log2(f) (cheapest at low
     resolution); cfg.spatial_steps / temporal_steps name them explicitly."""
+    if cfg.time_padding not in ("replicate", "zeros") or cfg.resampling not in ("joint", "separate"):
+        raise ValueError(f"time_padding {cfg.time_padding!r} / resampling {cfg.resampling!r} is not an option")
     n = len(cfg.widths) - 1
     ls, lt = int(math.log2(cfg.spatial_factor)), int(math.log2(cfg.temporal_factor))
     if 2 ** ls != cfg.spatial_factor or 2 ** lt != cfg.temporal_factor or max(ls, lt) > n:
@@ -366,7 +371,9 @@ class CausalVAE(nn.Module):
         then f*chunk frames a call, the causal convs carrying their last input frames over (at
         most kernel - 1 each): equal to one call up to float round-off (no layer mixes frames
         but the causal convs: GroupNorm and attention are per frame). Memory is bounded: a call
-        holds the activations of f*chunk (+ kernel - 1) frames, whatever the clip's length."""
+        holds the activations of f*chunk (+ kernel - 1) frames, whatever the clip's length: the
+        release's VAE on 241 frames of 768x1280 has a largest activation of 56.5 GiB (bf16) in
+        one call, 3.8 GiB at chunk=2 (tests/test_release_vae.py, on the meta device)."""
         self.check_input(x)
         f, frames = self.cfg.temporal_factor, x.shape[2]
         if chunk is None or 1 + f * chunk >= frames:

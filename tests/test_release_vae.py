@@ -176,3 +176,22 @@ def test_chunked_encoding_memory_does_not_grow_with_the_clip(which):
     for h in hooks:
         h.remove()
     assert longest[4] == longest[16] <= f * chunk
+
+
+def test_a_241_frame_768p_clip_encodes_in_bounded_memory():
+    """The release's VAE (paper size, on the meta device: shapes only) on 241 frames of 768x1280:
+    in one call its largest activation is 56.5 GiB in bf16; 16 frames a call (extraction's
+    chunk=2) keep it at 16/241 of that, whatever the length."""
+    cfg = convert.vae_config_of({"encoder_out_channels": 16, "decoder_in_channels": 16}, "release")
+    sizes, largest = [], {}
+    with torch.device("meta"):
+        net = CausalVAE(cfg)
+        for m in net.encoder.modules():
+            if not list(m.children()):  # every layer's output
+                m.register_forward_hook(lambda m, args, out: sizes.append(out.numel()))
+        for chunk in (None, 2):
+            sizes.clear()
+            z = net.encode(torch.empty(1, 3, 241, 768, 1280), chunk=chunk)
+            assert z.shape == (1, 16, 31, 96, 160)
+            largest[chunk] = max(sizes) * 2 / 2 ** 30  # GiB in bf16
+    assert largest[None] > 56 and largest[2] <= largest[None] * 16 / 241 + 1e-6
