@@ -139,7 +139,7 @@ def clip(net, k, seed=1, size=16):
 
 @torch.no_grad()
 @pytest.mark.parametrize("which", ["toy", "release-layout", "release-layout-f8"])
-def test_chunked_encoding_equals_one_call(which):
+def test_chunked_encoding_and_decoding_equal_one_call(which):
     if which == "toy":
         net, x = random_toy(), None
     else:
@@ -153,6 +153,9 @@ def test_chunked_encoding_equals_one_call(which):
         torch.testing.assert_close(m, mean, atol=ATOL, rtol=0)
         torch.testing.assert_close(lv, logvar, atol=ATOL, rtol=0)
     torch.testing.assert_close(net.posterior(x)[0], mean, atol=0, rtol=0)  # no streaming state left behind
+    decoded = net.decode(mean)  # and decoding in chunks, as sampling does
+    for chunk in sorted({1, 2, k}):
+        torch.testing.assert_close(net.decode(mean, chunk=chunk), decoded, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
