@@ -14,7 +14,6 @@ VAEConfig option (convert.py sets them to load the release's weights, to about 1
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
