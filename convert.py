@@ -96,7 +96,8 @@ def mmdit_state(sd: dict, cfg: dit.DiTConfig, what: str, sd3: bool = False) -> d
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             for part in ("weight", "bias"):  # q, k, v stacked: our "(three h d)"
                 out[f"{b}{stream}_qkv.{part}"] = torch.cat([take(f"{r}attn.{n}.{part}") for n in names])
-        for ours_norm, theirs_norm in (("img_q", "q"), ("img_k", "k"), ("txt_q", "add_q"), ("txt_k", "add_k")):
+        add = "added" if sd3 else "add"  # diffusers' SD3 names the text stream's q/k norms norm_added_*
+        for ours_norm, theirs_norm in (("img_q", "q"), ("img_k", "k"), ("txt_q", f"{add}_q"), ("txt_k", f"{add}_k")):
             out[f"{b}{ours_norm}_norm.weight"] = take(f"{r}attn.norm_{theirs_norm}.weight")
         linear(b + "img_proj", r + "attn.to_out.0")
         linear(b + "img_mlp.0", r + "ff.net.0.proj")
