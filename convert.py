@@ -24,6 +24,9 @@ from common import boolean, check_writable_dir, fail, key_values, save_torch, wa
 # that this converter requires to have one value (checked in dit_config_of).
 RELEASE_FIXED = dict(qk_norm="rms_norm", pos_embed_type="sincos", temp_pos_embed_type="rope", add_temp_pos_embed=True,
                      interp_condition_pos=True, use_t5_mask=True)
+# the release constructor's defaults, for a config.json that omits a key
+RELEASE_ABSENT = dict(pos_embed_type="rope", temp_pos_embed_type="sincos", add_temp_pos_embed=False,
+                      interp_condition_pos=False, use_t5_mask=False, use_temporal_causal=False)
 IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "use_gradient_checkpointing", "use_flash_attn",
            "gradient_checkpointing_ratio", "max_num_frames", "out_channels", "dual_attention_layers",
            "use_temporal_causal", "sample_size", "pos_embed_max_size"}
@@ -38,8 +41,9 @@ def dit_config_of(rc: dict, what: str, sd3: bool = False) -> dit.DiTConfig:
         if key not in known:
             fail(f"{what}: unknown config key {key!r}")
     for key, value in ({} if sd3 else RELEASE_FIXED).items():
-        if rc.get(key, value) != value:
-            fail(f"{what}: {key}={rc[key]!r} is not the release's layout ({value!r}); this converter reads that one")
+        if rc.get(key, RELEASE_ABSENT.get(key, value)) != value:
+            fail(f"{what}: {key}={rc.get(key, RELEASE_ABSENT.get(key))!r} is not the release's layout ({value!r}); "
+                 "this converter reads that one")
     if rc.get("dual_attention_layers"):
         fail(f"{what}: dual attention layers (SD3.5) are not an MM-DiT of this repository")
     try:
@@ -50,7 +54,7 @@ def dit_config_of(rc: dict, what: str, sd3: bool = False) -> dit.DiTConfig:
         return dit.DiTConfig(
             in_channels=rc["in_channels"], patch_size=p, width=width, depth=rc["num_layers"], heads=heads,
             text_dim=rc["joint_attention_dim"], pooled_dim=rc["pooled_projection_dim"], norm_eps=1e-6,
-            causal=rc.get("use_temporal_causal", True), history_time="current", time_input="release",
+            causal=rc.get("use_temporal_causal", sd3), history_time="current", time_input="release",
             # the table spaces sample_size / p tokens over its N rows (SD3's base size)
             pos_table=table, pos_spacing=(rc.get("sample_size", 128) // p) / table, qk_norm_eps=1e-5)
     except KeyError as e:
@@ -112,7 +116,8 @@ def mmdit_state(sd: dict, cfg: dit.DiTConfig, what: str, sd3: bool = False) -> d
     linear("final_layer.linear", "proj_out", lambda x: -rearrange(x, "(p1 p2 c) ... -> (c p1 p2) ...", p1=p, p2=p, c=C))
     if sd:
         fail(f"{what}: unknown key {next(iter(sd))}" + (f" (and {len(sd) - 1} more)" if len(sd) > 1 else ""))
-    model_keys = set(dit.MMDiT(cfg).state_dict())
+    with torch.device("meta"):  # the names alone: nothing allocated for a 2B model
+        model_keys = set(dit.MMDiT(cfg).state_dict())
     if set(out) != model_keys:  # a mapping slip of this file, not of the input
         fail(f"{what}: the mapped keys differ from dit.MMDiT's: {sorted(set(out) ^ model_keys)[:3]}")
     return out
