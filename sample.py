@@ -38,7 +38,7 @@ FIRST_FRAME_STEPS, LATER_FRAME_STEPS = 20, 10  # Euler steps per stage, the rele
 RELEASE_NEGATIVE_PROMPT = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, "
                            "low res, extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror")
 PRESETS = dict(release=dict(steps="20,20,20", steps_later="10,10,10", guidance="7", video_guidance="5",
-                            negative_prompt=RELEASE_NEGATIVE_PROMPT))
+                            negative_prompt=RELEASE_NEGATIVE_PROMPT, prompt_suffix=", hyper quality, Ultra HD, 8K"))
 
 
 # -----------------------------------------------------------------------------
@@ -246,8 +246,9 @@ OPTIONS = dict(  # --key=value or --key value: (default, meaning)
     vae_ckpt=("", "a features-trained (full) checkpoint: the VAE that decodes (default: the run's)"),
     decode_chunk=("", "latent frames per VAE decoder call (bounded memory for long videos; default all)"),
     negative_prompt=("", "the caption of CFG's unconditional half (default: the empty caption)"),
+    prompt_suffix=("", "text appended to every prompt (the release appends a quality phrase)"),
     preset=("", "release: the release's 20/20/20 steps, guidance 7, 10/10/10 later, 5, its negative prompt "
-                "(options given set their own)"),
+                "and prompt suffix (options given set their own)"),
 )
 
 
@@ -328,7 +329,7 @@ def validate(o):
 def main(argv):
     o = validate(parse(argv))
     net, cfg, vae = load(o["ckpt"], o["device"], text_encoder=o["text_encoder"], vae_ckpt=o["vae_ckpt"])
-    captions, outs = o["captions"], o["outs"]
+    captions, outs = [c + o["prompt_suffix"] for c in o["captions"]], o["outs"]
     size = (cfg["size"], cfg.get("frame_width") or cfg["size"])  # (height, width) of a frame
     frames = o["frames"] or cfg["frames"]
     K = cfg["K"]

@@ -69,6 +69,30 @@ def test_same_seed_same_video(ckpt, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_negative_prompt_takes_the_empty_captions_place(ckpt):
+    """--negative_prompt is the caption of CFG's unconditional half: "" is the default, another changes the video."""
+    net, cfg, _ = sample.load(ckpt)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # one training step leaves the text without effect (adaLN-Zero): wake every weight
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+    def gen(**kw):
+        return sample.generate(net, ["a red circle moving left"], cfg, 2, seed=3, steps=[1] * 3, steps_later=[1] * 3,
+                               guidance=4.0, video_guidance=4.0, progress=False, **kw)
+    base = gen()
+    assert torch.equal(gen(negative_prompt=""), base)
+    assert not torch.equal(gen(negative_prompt="a blue square moving up"), base)
+
+
+def test_release_preset_sets_what_is_not_given():
+    o = sample.parse(["--ckpt=x.pt", "--preset=release", "--guidance=3"])
+    assert (o["steps"], o["steps_later"], o["guidance"], o["video_guidance"]) == ("20,20,20", "10,10,10", "3", "5")
+    assert o["negative_prompt"] == sample.RELEASE_NEGATIVE_PROMPT and o["prompt_suffix"].startswith(", hyper quality")
+    with pytest.raises(SystemExit, match="unknown --preset=fast"):
+        sample.parse(["--preset=fast"])
+
+
 def test_image_to_video_keeps_the_first_frame(ckpt, tmp_path):
     img = np.zeros((32, 32, 3), np.uint8)
     img[10:20, 12:22] = (0, 0, 255)
