@@ -19,7 +19,8 @@ import dit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "fixtures", "release_tiny.pt")
 OURS = os.path.join(ROOT, "tests", "fixtures", "release_tiny2.pt")  # another tiny configuration, both halves
-VAE_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "release_vae_tiny2.pt")  # its latents: 3 channels, as OURS's MM-DiT
+# release-vae's second fixture: 3 latent channels, as OURS's MM-DiT takes
+VAE_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "release_vae_tiny2.pt")
 
 
 def randomize(module, seed):
