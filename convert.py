@@ -159,11 +159,15 @@ def read_weights(folder: str, what: str) -> dict:
     if not st and not bins:
         fail(f"{what}: no .safetensors or .bin weights in {folder}")
     sd = {}
+    if st:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            fail("reading .safetensors needs the safetensors package: pip install safetensors")
     for name in st or bins:
         path = os.path.join(folder, name)
         try:
             if st:
-                from safetensors.torch import load_file
                 sd.update(load_file(path))
             else:
                 sd.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
