@@ -260,7 +260,8 @@ def _decode(path, limit, transform, fps=None):
         import av
     except ImportError:
         import imageio_ffmpeg
-        gen = imageio_ffmpeg.read_frames(path, output_params=["-vf", f"fps={fps}:round=near"] if fps else None)
+        resample = ["-vf", f"fps={fps}:round=near:eof_action=pass"] if fps else None  # as _take picks
+        gen = imageio_ffmpeg.read_frames(path, output_params=resample)
         try:
             meta = next(gen)
             w, h = meta["size"]
