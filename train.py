@@ -45,9 +45,9 @@ import config
 import dit
 import pyramid_flow as pf
 import vae
-from common import (DataError, Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module, load_optimizer,
-                    load_vae, module_state, optimizer_state, out_dir_lock, read_checkpoint, save_json, save_torch,
-                    setup_distributed, shard, tile, write_video)
+from common import (DataError, Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module,
+                    load_optimizer, load_vae, module_state, optimizer_state, out_dir_lock, read_checkpoint, save_json,
+                    save_torch, setup_distributed, shard, tile, write_video)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
 from toy import data, evaluate
 from toy.toy2d import Toy2D

@@ -94,7 +94,8 @@ def good_lines(n=4):
 
 def test_bad_entries_are_named_by_file_and_line_and_skipped(media, capsys):
     bad = [b'{"video": "v0.mp4", "text": "caf\xe9"}\n', {"video": "v1.mp4", "text": None},
-           {"video": "v1.mp4", "text": 5}, {"video": 5, "text": "x"}, {"video": "v1.mp4", "image": "i.png", "text": "x"}]
+           {"video": "v1.mp4", "text": 5}, {"video": 5, "text": "x"},
+           {"video": "v1.mp4", "image": "i.png", "text": "x"}]
     path = annotation(media, good_lines() + good_lines() + bad, "mixed.jsonl")
     entries = vd.load_entries(path)
     err = capsys.readouterr().err
@@ -307,7 +308,8 @@ def test_every_phase_is_checked_before_the_first_trains(features, tmp_path):
 
 def test_text_encoder_specs_resolve_offline_in_one_line(tmp_path):
     t0 = time.time()
-    refused(lambda: text_encoders.load_text_encoder("hf:some-owner/not-downloaded"), "not in the local Hugging Face cache")
+    refused(lambda: text_encoders.load_text_encoder("hf:some-owner/not-downloaded"),
+            "not in the local Hugging Face cache")
     refused(lambda: text_encoders.load_text_encoder(f"t5clip:{tmp_path},{tmp_path}/b,{tmp_path}/c"),
             f"folder {tmp_path} holds no model")
     refused(lambda: text_encoders.load_text_encoder(f"hf:{tmp_path}/absent"), "no text encoder folder")
