@@ -24,6 +24,7 @@ import text_encoders
 import train
 import vae
 import video_data as vd
+import video_decode
 
 SIZE, FRAMES = 32, 9          # toy VAE: temporal factor 2, spatial 4 -> 5 latent frames of 8x8
 TEXT_DIM, POOLED_DIM = 16, 8
@@ -337,7 +338,7 @@ def test_a_rotated_video_is_read_upright(tmp_path, monkeypatch, no_av):
                     str(tmp_path / "flat.mp4"), "-c", "copy", str(tmp_path / "phone.mp4")], check=True)
     if no_av:
         monkeypatch.setitem(sys.modules, "av", None)
-    frames = vd._decode(str(tmp_path / "phone.mp4"), 3, lambda f: f)
+    frames = video_decode._decode(str(tmp_path / "phone.mp4"), 3, lambda f: f)
     assert frames[0].shape == (32, 16, 3)                     # portrait, as a player shows it
     red = np.argwhere(frames[0][..., 0] > 200).mean(0)
     assert red[0] > 24 and red[1] < 4                          # the corner marker turned to the bottom left
