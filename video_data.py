@@ -206,7 +206,7 @@ def load_tensors(path, mmap=False):
         raise BadFeature(f"refused {path}: not a plain tensor file (loading it would run code from it); "
                          "torch.load(weights_only=True) reads tensors only") from None
     except Exception as e:  # noqa: BLE001 - truncated, or not a torch file at all: readers raise many kinds
-        raise BadFeature(f"cannot read {path}: {first_line(e)}") from None
+        raise BadFeature(f"cannot read {path}: {first_line(e)[:120]}") from None
 
 
 def _latent(obj, path):
@@ -468,8 +468,8 @@ def _extract_share(entries, out_dir, vae, text_encoder, height, width, frames, r
                                                          # this share's missing files count as bad
                                                          extracted=len(lines),
                                                          bad=bad + len(entries[rank::world]) - len(share))), rank)
-    print(f"rank {rank}: {len(lines)} of {len(entries[rank::world])} clips extracted ({reused} kept from an earlier "
-          f"run), {bad} bad skipped -> {shard}")
+    print(f"rank {rank}: {len(lines)} of {len(entries[rank::world])} clips extracted ({reused} already on disk and whole"
+          f"), {bad} bad skipped -> {shard}")
     return shard
 
 
@@ -635,9 +635,14 @@ class FeatureDataset:
             if not dims:
                 tokens, _, pooled = _text_features(load_tensors(e["text_fea"], mmap=True), e["text_fea"])
                 dims = [tokens.shape[1], pooled.shape[0]]
+            shape, dims = tuple(int(x) for x in shape), tuple(int(x) for x in dims)
         except BadFeature as error:
             return str(error), None, None
-        return None, tuple(int(x) for x in shape), tuple(int(x) for x in dims)
+        except (TypeError, ValueError):  # an annotation's own numbers, written by hand or damaged
+            shape, dims = (), ()
+        if len(shape) != 4 or len(dims) != 2 or min(shape + dims) < 1:
+            return f"{e['latent']}: latent_shape / text_dims of its entry are not [C, T, h, w] / [D, P]", None, None
+        return None, shape, dims
 
     def __len__(self):
         return len(self.entries)
