@@ -468,8 +468,8 @@ def _extract_share(entries, out_dir, vae, text_encoder, height, width, frames, r
                                                          # this share's missing files count as bad
                                                          extracted=len(lines),
                                                          bad=bad + len(entries[rank::world]) - len(share))), rank)
-    print(f"rank {rank}: {len(lines)} of {len(entries[rank::world])} clips extracted ({reused} already on disk and whole"
-          f"), {bad} bad skipped -> {shard}")
+    print(f"rank {rank}: {len(lines)} of {len(entries[rank::world])} clips extracted ({reused} already on disk and "
+          f"whole), {bad} bad skipped -> {shard}")
     return shard
 
 
