@@ -334,12 +334,12 @@ def text_problem(path, text_dim, pooled_dim):
     return None
 
 
-def write_null_text(out_dir, text_encoder, rank=None):
-    """null_text.pt: the features of the empty caption, the null text of CFG and caption dropout
-    (the release leaves it undefined on its extracted-feature path); rewritten unless it is this
-    encoder's. Returns (path, its features)."""
+def write_null_text(out_dir, text_encoder, rank=None, feats=None):
+    """null_text.pt: the features of the empty caption (`feats`, if already encoded), the null
+    text of CFG and caption dropout (the release leaves it undefined on its extracted-feature
+    path); rewritten unless it is this encoder's. Returns (path, its features)."""
     path = os.path.join(out_dir, NULL_TEXT)
-    feats = encode_texts(text_encoder, [""])[0]
+    feats = feats or encode_texts(text_encoder, [""])[0]
     dims = feats["prompt_embed"].shape[-1], feats["pooled_prompt_embed"].shape[-1]
     if not os.path.exists(path) or text_problem(path, *dims):
         save_torch(path, feats, rank)
@@ -411,8 +411,9 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
             if not os.path.isfile(media_path(e)):
                 missing.add(f"missing file {media_path(e)}")
         missing.check(len(entries))
-        _, null = write_null_text(out_dir, text_encoder, rank)
+        null = encode_texts(text_encoder, [""])[0]
         check_record(out_dir, extraction_record(vae, text_encoder, null, height, width, frames, fps, min_frames), rank)
+        write_null_text(out_dir, text_encoder, rank, null)  # after the record: another extraction's stays
         dims = null["prompt_embed"].shape[-1], null["pooled_prompt_embed"].shape[-1]
         return _extract_share(entries, out_dir, vae, text_encoder, height, width, frames, rank, world, progress,
                               min_frames, fps, dims, latent_frames, missing.count)
@@ -549,7 +550,14 @@ def extract_run(cfg):
             raise SystemExit(f"error: --null_text_only=true needs --text_encoder=SPEC ({specs})")
         encoder = text_encoders.load_text_encoder(cfg.text_encoder)
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"wrote {write_null_text(cfg.out_dir, encoder)[0]} (the features of the empty caption)")
+        null = encode_texts(encoder, [""])[0]
+        if os.path.isfile(os.path.join(cfg.out_dir, RECORD)):  # our extraction's folder: its encoder only
+            with open(os.path.join(cfg.out_dir, RECORD)) as f:
+                made = json.load(f).get("text_encoder", {}).get("weights")
+            if made != fingerprint(encoder):
+                raise SystemExit(f"error: {cfg.out_dir} was extracted with another text encoder (see its {RECORD}); "
+                                 f"its null_text.pt is kept")
+        print(f"wrote {write_null_text(cfg.out_dir, encoder, feats=null)[0]} (the features of the empty caption)")
         return
     if not cfg.vae_ckpt or not cfg.text_encoder:
         raise SystemExit(f"error: --task=extract needs --vae_ckpt=PATH and --text_encoder=SPEC ({specs})")

@@ -142,7 +142,9 @@ def test_other_settings_into_an_extraction_folder_are_refused(media, tmp_path):
     assert record["frames"] == FRAMES and record["text_encoder"]["text_dim"] == TEXT_DIM
     refused(lambda: extract(entries, tmp_path, frames=5), "other settings", "frames 9 -> 5")
     refused(lambda: extract(entries, tmp_path, vae_model=models(seed=1)[0]), "other settings", "vae")
+    null = (tmp_path / vd.NULL_TEXT).read_bytes()
     refused(lambda: extract(entries, tmp_path, text=models(text_dim=12)[1]), "other settings", "text_encoder")
+    assert (tmp_path / vd.NULL_TEXT).read_bytes() == null          # the folder's own stays
     extract(entries, tmp_path)                                  # the same settings resume
     assert len(list((tmp_path / "latents").iterdir())) == 2
 
@@ -207,6 +209,9 @@ def test_null_text_only_writes_the_null_caption(tmp_path, monkeypatch):
     assert feats["prompt_embed"].shape[-1] == TEXT_DIM and not feats["prompt_attention_mask"].any()
     refused(lambda: train.main(["--task=extract", "--null_text_only=true", f"--out_dir={tmp_path}"]),
             "--null_text_only=true needs --text_encoder")
+    (tmp_path / vd.RECORD).write_text(json.dumps({"text_encoder": {"weights": "another"}}))
+    refused(lambda: train.main(["--task=extract", "--null_text_only=true", "--text_encoder=tiny",
+                                f"--out_dir={tmp_path}"]), "extracted with another text encoder")
 
 
 # ---------------------------------------------------------------- training's features
