@@ -404,11 +404,13 @@ RESUMABLE = ("max_steps", "log_every", "save_every", "eval_captions", "sample_st
 DERIVED = dict(grad_accum="global_batch")
 
 
-def check_resumed_settings(saved, cfg, path, saved_world=1, world=1):
+def check_resumed_settings(saved, cfg, path, saved_world=None, world=1):
+    """Refuse (one line) a resume whose settings differ from the checkpoint's, or whose global
+    batch does (another number of processes without --global_batch); saved_world None: unknown."""
     now = dataclasses.asdict(cfg)
-    before, after = saved.get("batch_size", 0) * saved.get("grad_accum", 1) * saved_world, \
+    before, after = saved.get("batch_size", 0) * saved.get("grad_accum", 1) * (saved_world or 1), \
         cfg.batch_size * cfg.grad_accum * world
-    if before != after:  # another number of processes, the same accumulation: another global batch
+    if saved_world and before != after:  # another number of processes, the same accumulation
         fail(f"{path} was trained with a global batch of {before} ({saved_world} process(es)); this run's is "
              f"{after} ({world}): pass --global_batch={before} (accumulation then follows the world size) or "
              f"resume on {saved_world} process(es)")

@@ -501,7 +501,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     if cfg.resume:
         # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
         ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True)
-        config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path, ck.get("world", 1), world)
+        config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path, ck.get("world"), world)
         load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
         load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
         load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
@@ -541,7 +541,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
             except DataError as e:  # too many bad feature files (video_data): keep the last good step
                 if not cfg.fsdp:
                     checkpoint(writer=True)  # DDP: every rank holds the weights
-                fail(f"{str(e).strip().splitlines()[-1]}; wrote {ckpt_path} at step {step}")
+                kept = f"wrote {ckpt_path} at step {step}" if not cfg.fsdp else f"{ckpt_path} (if any) is kept"
+                fail(f"{str(e).strip().splitlines()[-1]}; {kept}")
             # FSDP reduce-scatters every micro-step
             sync = micro == cfg.grad_accum - 1 or not ddp or cfg.fsdp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
@@ -621,8 +622,7 @@ def main(argv):
             config.validate_settings(run)
             if run.task == "video" and (run.preset in config.PHASES or phase_data(run).endswith(".jsonl")):
                 import video_data
-                video_data.check_training_data(None if run.dry_run else phase_data(run), run.size, run.frame_width
-                                               or run.size, run.frames, vae.VAE_SIZES[run.vae_size], run.K,
+                video_data.check_training_data(run, None if run.dry_run else phase_data(run),
                                                config.dit_config(run).patch_size)
         for run in runs:
             cfg = run  # the run in progress, for the message below

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import dit
 import pyramid_flow as pf
+from vae import VAE_SIZES
 from common import DataError, fail, first_line, load_vae, out_dir_lock, save_text, save_torch, setup_distributed
 from video_decode import BadClip, media_path, read_clip
 
@@ -296,11 +297,11 @@ def check_grid(height, width, frames, vae_cfg, K, patch):
              f"multiple of the patch {patch} (--size, --frame_width, --K, --patch)")
 
 
-def check_training_data(path, height, width, frames, vae_cfg, K, patch):
+def check_training_data(cfg, path, patch):
     """Before any phase of a run on extracted features works (train.main checks every phase
-    first): the grid (check_grid) and, unless path is None (a dry run), the annotation file and
-    the null caption's features beside it."""
-    check_grid(height, width, frames, vae_cfg, K, patch)
+    first): the grid of its settings (check_grid, with the compression of --vae_size) and, unless
+    path is None (a dry run), the annotation file and the null caption's features beside it."""
+    check_grid(cfg.size, cfg.frame_width or cfg.size, cfg.frames, VAE_SIZES[cfg.vae_size], cfg.K, patch)
     if path is None:
         return
     if not os.path.isfile(path):
