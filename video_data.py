@@ -7,8 +7,8 @@ DiT only. This file reads and writes the release's format:
 
 - annotation file, JSON lines: {"video": path, "text": caption} or {"image": path, "text": ...},
   optionally with "latent" and "text_fea", the paths of the extracted tensors. Relative paths
-  resolve against the annotation file's folder. Or a folder of videos and images, each with a
-  same-named .txt caption.
+  resolve against the annotation file's folder (else, as the release's files, the working
+  directory). Or a folder of videos and images, each with a same-named UTF-8 .txt caption.
 - latent file: torch.save of the clip's normalised VAE latents [1, C, T, h, w] (an image: T = 1).
 - text feature file: torch.save of dict(prompt_embed [1, L, D], prompt_attention_mask [1, L],
   pooled_prompt_embed [1, P]).
@@ -17,8 +17,10 @@ load_entries checks each entry where it enters; video_decode.read_clip turns one
 extract (train.py --task=extract) writes the features, sharded over ranks without a collective,
 resumable, recording what made its folder, and an annotation file pointing at them (with keys of
 ours, "latent_frames", "latent_shape" and "text_dims", so that loading it reads no tensor);
-FeatureDataset checks them and serves batches, bucketed by latent length. Every tensor file is read with
-torch.load(weights_only=True) (or safetensors): a file from elsewhere can hold tensors, never code.
+FeatureDataset checks them and serves batches, bucketed by latent length. Every tensor file is
+read with torch.load(weights_only=True) (or safetensors): a file from elsewhere can hold tensors,
+never code. A bad entry or file is named in one line and skipped; more than MAX_BAD_FRACTION of
+a run bad stops it.
 
 Tensor legend: one clip [3, F, H, W] (pixels in [-1, 1], F pixel frames); latents [B, C, T, h, w];
 tokens [B, L, D].
@@ -37,13 +39,13 @@ from tqdm import tqdm
 
 import dit
 import pyramid_flow as pf
-from vae import VAE_SIZES
 from common import DataError, fail, first_line, load_vae, out_dir_lock, save_text, save_torch, setup_distributed
+from vae import VAE_SIZES
 from video_decode import BadClip, media_path, read_clip
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# resolved against the annotation file's folder
+# resolved against the annotation file's folder (_path_root)
 PATH_KEYS = ("video", "image", "latent", "text_fea")
 MAX_BAD_FRACTION = 0.5   # more bad entries than this: the data, not a few files, is broken; stop
 # extracted tensors on disk: half of float32, the precision bf16 training uses
