@@ -51,6 +51,9 @@ MAX_BAD_FRACTION = 0.5   # more bad entries than this: the data, not a few files
 # extracted tensors on disk: half of float32, the precision bf16 training uses
 STORE_DTYPE = torch.bfloat16
 TEXT_BATCH = 32          # captions per text-encoder call during extraction
+# entries without recorded widths (the release's) whose text headers the scan reads; later ones are
+# checked as they load (a header costs about 1.5 ms: a million would take most of an hour)
+TEXT_PROBES = 64
 NULL_TEXT = "null_text.pt"   # features of "" (the null caption of CFG and caption dropout)
 SHARD = "extracted.rank{}.jsonl"  # a rank's share; extracted.rank<r>.done says it is finished
 RECORD = "extraction.json"    # what made an extraction folder (check_record)
@@ -604,19 +607,20 @@ class FeatureDataset:
         entries = load_entries(path)
         self.path, self.root, self.max_latent_frames = path, os.path.dirname(os.path.abspath(path)), max_latent_frames
         bad = BadEntries(f"entries of {path}")
-        scanned = []
+        scanned, probes = [], 0
         for e in tqdm(entries, desc="checking features", disable=len(entries) < 10_000, leave=False):
-            problem, shape, dims = self.scan(e)
+            problem, shape, dims = self.scan(e, read_text=probes < TEXT_PROBES)
+            probes += not e.get("text_dims")
             if problem:
                 bad.add(problem)
             else:
                 scanned.append((e, shape, dims))
         # the data set's shapes: those of most files; a file of others is another extraction's
         size = Counter((s[0], *s[2:]) for _, s, _ in scanned).most_common(1)
-        width = Counter(d for _, _, d in scanned).most_common(1)
+        width = Counter(d for _, _, d in scanned if d).most_common(1)
         self.entries, latent_frames = [], []
         for e, shape, dims in scanned:
-            if (shape[0], *shape[2:]) != size[0][0] or dims != width[0][0]:
+            if (shape[0], *shape[2:]) != size[0][0] or dims not in (None, width[0][0]):
                 bad.add(f"{e['latent']}: latents {list(shape)} and text widths {list(dims)}, while most files of "
                         f"{path} have [C, h, w] = {list(size[0][0])} and widths {list(width[0][0])}")
             else:
@@ -634,24 +638,26 @@ class FeatureDataset:
         self.scan_bad = bad.count
 
     @staticmethod
-    def scan(e):
+    def scan(e, read_text=True):
         """(problem or None, latent shape [C, T, h, w], text widths (D, P)) of one entry, from what
-        the extraction recorded in it, else from its files' headers (memory-mapped: no data read)."""
+        the extraction recorded in it, else from its files' headers (memory-mapped: no data read;
+        read_text=False: widths None, checked as the file loads)."""
         for key in ("latent", "text_fea"):
             if not os.path.isfile(e.get(key, "")):
                 return f"{e.get(key) or 'an entry'}: no such {key} file", None, None
         try:
-            shape = e.get("latent_shape") or list(_latent(load_tensors(e["latent"], mmap=True), e["latent"]).shape)
+            shape = e.get("latent_shape") or _latent(load_tensors(e["latent"], mmap=True), e["latent"]).shape
             dims = e.get("text_dims")
-            if not dims:
+            if not dims and read_text:
                 tokens, _, pooled = _text_features(load_tensors(e["text_fea"], mmap=True), e["text_fea"])
-                dims = [tokens.shape[1], pooled.shape[0]]
-            shape, dims = tuple(int(x) for x in shape), tuple(int(x) for x in dims)
+                dims = (tokens.shape[1], pooled.shape[0])
+            shape = tuple(int(x) for x in shape)
+            dims = tuple(int(x) for x in dims) if dims else None  # None: checked as the file loads
         except BadFeature as error:
             return str(error), None, None
         except (TypeError, ValueError):  # an annotation's own numbers, written by hand or damaged
             shape, dims = (), ()
-        if len(shape) != 4 or len(dims) != 2 or min(shape + dims) < 1:
+        if len(shape) != 4 or (dims is not None and len(dims) != 2) or min(shape + (dims or ())) < 1:
             return f"{e['latent']}: latent_shape / text_dims of its entry are not [C, T, h, w] / [D, P]", None, None
         return None, shape, dims
 

@@ -378,3 +378,19 @@ def test_gifs_are_read_with_or_without_pyav_alike(tmp_path, monkeypatch, no_av):
     torch.testing.assert_close(clip, common.read_video(str(tmp_path / "a.gif"), 8)[0][:, :3], atol=1 / 127.5, rtol=0)
     timed = vd.read_clip({"video": str(tmp_path / "a.gif")}, 8, 8, 5, 2, fps=10)   # by the frames' durations
     assert ((timed.mean((0, 2, 3)) + 1) * 127.5).round().int().tolist() == [20, 80, 80, 80, 140]
+
+
+def test_release_files_widths_past_the_probes_are_checked_as_they_load(features, tmp_path, monkeypatch):
+    path = copy_features(features, tmp_path / "f")
+    lines = [{k: v for k, v in json.loads(line).items() if k not in ("latent_shape", "text_dims")}
+             for line in open(path)]                            # as the release writes them: nothing recorded
+    with open(path, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in lines)
+    monkeypatch.setattr(vd, "TEXT_PROBES", 1)
+    ds = vd.FeatureDataset(path)
+    assert len(ds) == 4 and (ds.text_dim, ds.pooled_dim) == (TEXT_DIM, POOLED_DIM)   # from the first header
+    text = ds.entries[2]["text_fea"]
+    torch.save(dict(prompt_embed=torch.zeros(1, 3, 12), prompt_attention_mask=torch.ones(1, 3, dtype=torch.bool),
+                    pooled_prompt_embed=torch.zeros(1, POOLED_DIM)), text)
+    with pytest.raises(vd.BadFeature, match=f"{text}: 12- and {POOLED_DIM}-wide"):
+        ds.load(2)
