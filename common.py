@@ -29,6 +29,11 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+class DataError(Exception):
+    """A data file found bad in the middle of a run (video_data.BadFeature): the loop writes the
+    last good step's checkpoint and stops with the message's last line."""
+
+
 def first_line(error):
     """The first line of an exception's message (or its type's name)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -150,9 +155,11 @@ def tile(videos, cols):
 
 
 def to_rgb(img):
-    """A PIL image of any mode -> 8-bit RGB: 16-bit grey scaled down (not clipped at 255, which
-    turns it white), transparency composited on black, the background of the training data."""
-    from PIL import Image
+    """A PIL image of any mode -> 8-bit RGB as a viewer shows it: its EXIF orientation applied,
+    16-bit grey scaled down (not clipped at 255, which turns it white), transparency composited
+    on black, the background of the training data. Extraction (video_data) and sampling share it."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey (PNG opens as I;16 or I)
         grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
         img = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
@@ -164,6 +171,18 @@ def to_rgb(img):
         black = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(black, img)
     return img.convert("RGB")
+
+
+def rgb_array(frame):
+    """A decoded frame (uint8 or uint16; [H, W], [H, W, 1], grey + alpha, RGB or RGBA) -> uint8
+    [H, W, 3] as to_rgb converts an image."""
+    from PIL import Image
+    frame = np.asarray(frame)
+    if frame.dtype == np.uint16:
+        frame = (frame.astype(np.float64) * (255 / 65535)).round().astype(np.uint8)
+    if frame.ndim == 3 and frame.shape[-1] == 1:
+        frame = frame[..., 0]
+    return np.asarray(to_rgb(Image.fromarray(frame.astype(np.uint8))))
 
 
 def read_image(path, size):
@@ -183,9 +202,9 @@ def read_image(path, size):
 
 
 def read_video(path, size):
-    """A clip [1, 3, F, H, W] in [-1, 1] from a gif or mp4 (grey or 16-bit frames are made 8-bit
-    RGB; alpha is dropped: a gif's transparent pixels carry their colour). size: the model's frame
-    side, or (height, width)."""
+    """A clip [1, 3, F, H, W] in [-1, 1] from a gif or mp4, each frame made 8-bit RGB as to_rgb
+    makes an image (the same as extraction: grey and 16-bit scaled, transparency on black).
+    size: the model's frame side, or (height, width)."""
     import imageio.v2 as imageio
     height, width = size if isinstance(size, tuple) else (size, size)
     try:
@@ -194,15 +213,7 @@ def read_video(path, size):
         fail(f"cannot read video {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if not frames or len({f.shape for f in frames}) != 1:
         fail(f"cannot read video {path} (no frames, or frames of different sizes)")
-    x = np.stack(frames).astype(np.float32)
-    if frames[0].dtype == np.uint16:
-        x *= 255 / 65535
-    if x.ndim == 3:                                                          # grey [F, H, W]
-        x = x[..., None]
-    # grey (and alpha) -> RGB
-    if x.shape[-1] < 3:
-        x = np.repeat(x[..., :1], 3, axis=-1)
-    x = torch.from_numpy(x)[..., :3]  # [F, H, W, 3] (gif: RGBA)
+    x = torch.from_numpy(np.stack([rgb_array(f) for f in frames]).astype(np.float32))  # [F, H, W, 3]
     if x.shape[1:3] != (height, width):
         fail(f"video {path} is {x.shape[2]}x{x.shape[1]}, the model makes {width}x{height} frames")
     return x.permute(3, 0, 1, 2)[None] / 127.5 - 1                          # [1, 3, F, H, W]
@@ -413,13 +424,14 @@ class Interrupts:
 
 
 @contextlib.contextmanager
-def out_dir_lock(out_dir, what="run"):
-    """One run at a time in a folder: an exclusive flock on out_dir/lock for the run, which the
-    kernel releases when the process ends, however it ends (no stale lock to clean up)."""
-    if not is_master():  # torchrun: rank 0 holds it for the job
+def out_dir_lock(out_dir, what="run", name="lock", every_rank=False):
+    """One run at a time in a folder: an exclusive flock on out_dir/`name` for the run, which the
+    kernel releases when the process ends, however it ends (no stale lock to clean up).
+    every_rank: each rank locks its own `name` (extraction: rank r's lock.rank<r>)."""
+    if not every_rank and not is_master():  # torchrun: rank 0 holds it for the job
         yield
         return
-    path = os.path.join(out_dir, "lock")
+    path = os.path.join(out_dir, name)
     try:
         os.makedirs(out_dir, exist_ok=True)
         f = open(path, "a+")

@@ -120,6 +120,7 @@ class Config:
     # text_encoder: the frozen encoder of --task=extract and sample.py (text_encoders.py):
     # minilm | hf:PATH | t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR | sd3:DIR
     text_encoder: str = ""
+    null_text_only: bool = False   # --task=extract: write only out_dir/null_text.pt (a release's features lack it)
 
 
 # Presets. Header of each (at most four lines): hardware, command, time, result. Why a setting has
@@ -401,13 +402,21 @@ def phase_start(cfg):
 # vae_ckpt may name the same VAE elsewhere: its weights are compared instead.
 RESUMABLE = ("max_steps", "log_every", "save_every", "eval_captions", "sample_steps", "sample_steps_later",
              "guidance", "video_guidance", "threads", "device", "resume", "overwrite", "out_dir", "vae_ckpt",
-             "init_from", "grad_checkpointing", "world", "dry_run", "text_encoder", "data")
+             "init_from", "grad_checkpointing", "world", "dry_run", "text_encoder", "data", "null_text_only")
 # with a global batch the accumulation follows the world size: another number of GPUs may resume
 DERIVED = dict(grad_accum="global_batch")
 
 
-def check_resumed_settings(saved, cfg, path):
+def check_resumed_settings(saved, cfg, path, saved_world=None, world=1):
+    """Refuse (one line) a resume whose settings differ from the checkpoint's, or whose global
+    batch does (another number of processes without --global_batch); saved_world None: unknown."""
     now = dataclasses.asdict(cfg)
+    before, after = saved.get("batch_size", 0) * saved.get("grad_accum", 1) * (saved_world or 1), \
+        cfg.batch_size * cfg.grad_accum * world
+    if saved_world and before != after:  # another number of processes, the same accumulation
+        fail(f"{path} was trained with a global batch of {before} ({saved_world} process(es)); this run's is "
+             f"{after} ({world}): pass --global_batch={before} (accumulation then follows the world size) or "
+             f"resume on {saved_world} process(es)")
     kept = set(RESUMABLE) | {k for k, source in DERIVED.items() if now[source]}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in kept and k in saved
                and saved[k] != v]  # a setting newer than the checkpoint keeps its default

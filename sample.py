@@ -68,6 +68,13 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
         if not vae_ckpt:
             fail(f"{path} was trained on extracted latents: pass --vae_ckpt=PATH, the VAE that extracted them")
         vae = load_vae(vae_ckpt).to(device)
+        # the latents the run trained on: its channels, and its --vae_size's compression
+        trained = vae_module.VAE_SIZES.get(ck["config"].get("vae_size"), vae.cfg)
+        made, want = [(c.latent_channels, c.spatial_factor, c.temporal_factor) for c in (vae.cfg, trained)]
+        if made[0] != net.dit.cfg.in_channels or made[1:] != want[1:]:
+            fail(f"--vae_ckpt={vae_ckpt} makes {made[0]}-channel latents at {made[1]}x{made[1]}x{made[2]} "
+                 f"compression; {path} was trained on {net.dit.cfg.in_channels}-channel latents at "
+                 f"{want[1]}x{want[1]}x{want[2]}: pass the VAE that extracted its features")
     elif ck.get("vae") is not None:
         vae = build(path, "video checkpoint", lambda: vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"])))
         load_weights(vae, ck["vae"], path)

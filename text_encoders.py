@@ -9,7 +9,8 @@ dit.ToyTextEncoder: captions -> (tokens [B, L, text_dim], mask [B, L] bool, pool
 - load_text_encoder: the command line's names for them (--text_encoder).
 
 All I/O around `transformers`, imported on first use: the toy presets never need it. Nothing is
-downloaded at run time unless a hub name is given; folders load offline.
+downloaded at run time: folders load offline, a hub name only from the local Hugging Face cache,
+and a spec whose folders are missing is one line before anything loads (check_source).
 """
 import contextlib
 import io
@@ -41,11 +42,43 @@ def _tokenizer_and_model(source, model_class, dtype=None):
     bfloat16 halves the memory on a GPU."""
     tf = _transformers()
     tok, model = source if isinstance(source, (tuple, list)) else (source, source)
-    if isinstance(tok, str):
-        tok = tf.AutoTokenizer.from_pretrained(tok)
-    if isinstance(model, str):
-        model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32)
+    try:  # local_files_only: a hub name comes from the local cache, never from the network
+        if isinstance(tok, str):
+            tok = tf.AutoTokenizer.from_pretrained(tok, local_files_only=True)
+        if isinstance(model, str):
+            model = getattr(tf, model_class).from_pretrained(model, dtype=dtype or torch.float32,
+                                                             local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        name = tok if isinstance(tok, str) else model
+        raise SystemExit(f"error: cannot load the text encoder {name} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
     return tok, model
+
+
+def check_source(name, what="model"):
+    """Before anything loads: `name` is a folder holding a transformers model (config.json) or
+    tokenizer, or a hub name ("owner/model") found in the local Hugging Face cache; else one line.
+    Nothing is downloaded at run time."""
+    _transformers()  # its absence first: the likelier fault
+    if os.path.isdir(name):
+        files = set(os.listdir(name))
+        needs = {"config.json"} if what == "model" else {"tokenizer.json", "tokenizer_config.json", "spiece.model",
+                                                         "vocab.json", "vocab.txt"}
+        if not files & needs:
+            raise SystemExit(f"error: text encoder folder {name} holds no {what} ({' or '.join(sorted(needs))})")
+        return
+    hub = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+    if not hub:
+        raise SystemExit(f"error: no text encoder folder {name}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = isinstance(try_to_load_from_cache(name, "config.json" if what == "model" else "tokenizer_config.json"),
+                            str)
+    except ImportError:
+        cached = False
+    if not cached:
+        raise SystemExit(f"error: {name} is not a folder and not in the local Hugging Face cache; nothing is "
+                         f"downloaded at run time: fetch it first (huggingface-cli download {name}) or give its folder")
 
 
 class FrozenTextEncoder(nn.Module):
@@ -148,11 +181,17 @@ def load_text_encoder(spec: str, dtype=None) -> FrozenTextEncoder:
     if kind == "minilm" and not arg:
         return HFTextEncoder(minilm_folder(), dtype=dtype)
     if kind == "hf" and arg:
+        check_source(arg)
         return HFTextEncoder(arg, dtype=dtype)
     if kind == "t5clip" and len(arg.split(",")) == 3:
+        for name in arg.split(","):  # all three before T5-XXL takes a minute to load
+            check_source(name)
         return T5CLIPTextEncoder(*arg.split(","), dtype=dtype)
     if kind == "sd3" and arg:  # (tokenizer, model) folders of T5, CLIP-L, CLIP-G
         parts = [(os.path.join(arg, f"tokenizer{s}"), os.path.join(arg, f"text_encoder{s}")) for s in ("_3", "", "_2")]
+        for tok, model in parts:
+            check_source(tok, "tokenizer")
+            check_source(model)
         return T5CLIPTextEncoder(*parts, dtype=dtype)
     raise SystemExit(f"error: unknown text encoder {spec!r}; choose minilm, hf:PATH, t5clip:T5,CLIP_L,CLIP_G "
                      "or sd3:DIR (toy is trained with the model, not loaded)")

@@ -45,9 +45,9 @@ import config
 import dit
 import pyramid_flow as pf
 import vae
-from common import (Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module, load_optimizer,
-                    load_vae, module_state, optimizer_state, out_dir_lock, read_checkpoint, save_json, save_torch,
-                    setup_distributed, shard, tile, write_video)
+from common import (DataError, Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module,
+                    load_optimizer, load_vae, module_state, optimizer_state, out_dir_lock, read_checkpoint, save_json,
+                    save_torch, setup_distributed, shard, tile, write_video)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
 from toy import data, evaluate
 from toy.toy2d import Toy2D
@@ -501,7 +501,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     if cfg.resume:
         # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
         ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True)
-        config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path)
+        config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path, ck.get("world"), world)
         load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
         load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
         load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
@@ -518,14 +518,14 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
               f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
 
-    def checkpoint():
+    def checkpoint(writer=master):
         # under FSDP every rank gathers
         weights = dict(model=module_state(model, cfg.fsdp), ema=module_state(ema, cfg.fsdp),
                        optimizer=optimizer_state(model, opt, cfg.fsdp))
-        if master:
+        if writer:
             save_torch(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, **weights, config=dataclasses.asdict(cfg),
-                                       step=step, loss_mean=loss_mean, history=history,
-                                       rng=dict(torch=torch.get_rng_state()), **task.extra()))
+                                       step=step, loss_mean=loss_mean, history=history, world=world,
+                                       rng=dict(torch=torch.get_rng_state()), **task.extra()), rank)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
     t0 = time.time()
@@ -536,7 +536,13 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
             group["lr"] = lr
         total, logs_sum = 0.0, {}
         for micro in range(cfg.grad_accum):
-            batch = task.batch(step_generator(cfg, rank, step, micro), device)
+            try:
+                batch = task.batch(step_generator(cfg, rank, step, micro), device)
+            except DataError as e:  # too many bad feature files (video_data): keep the last good step
+                if not cfg.fsdp:
+                    checkpoint(writer=True)  # DDP: every rank holds the weights
+                kept = f"wrote {ckpt_path} at step {step}" if not cfg.fsdp else f"{ckpt_path} (if any) is kept"
+                fail(f"{str(e).strip().splitlines()[-1]}; {kept}")
             # FSDP reduce-scatters every micro-step
             sync = micro == cfg.grad_accum - 1 or not ddp or cfg.fsdp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
@@ -612,9 +618,14 @@ def main(argv):
         if cfg.preset in config.PHASES and not cfg.phase and cfg.task != "extract":
             runs = [config.parse_args(list(argv) + [f"--phase={n}"])
                     for n in range(1, len(config.PHASES[cfg.preset]) + 1)]
+        for run in runs:  # every phase's settings (and data) checked before any phase works
+            config.validate_settings(run)
+            if run.task == "video" and (run.preset in config.PHASES or phase_data(run).endswith(".jsonl")):
+                import video_data
+                video_data.check_training_data(run, None if run.dry_run else phase_data(run),
+                                               config.dit_config(run).patch_size)
         for run in runs:
             cfg = run  # the run in progress, for the message below
-            config.validate_settings(run)
             if run.dry_run:
                 config.dry_run(run, lambda: TASKS[run.task](run).model())
             # data preparation: video_data.py, as nanoGPT's data/*/prepare.py
