@@ -201,10 +201,7 @@ VAE_DEFAULTS = dict(
 # set no weight and change no output (dropout, tiling sizes; the quant convs are always built)
 VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "encoder_block_dropout", "decoder_block_dropout",
                "sample_size", "scaling_factor", "add_post_quant_conv", "downsample_scale"}
-# The release's pipeline normalises latents outside its VAE, (z - shift) / scale, frame 0 apart:
-# (shift, scale) of frame 0 and of the later frames, for the MM-DiT (sd3) and the FLUX (miniflux) model
-RELEASE_LATENT_STATS = {"mmdit": ((0.1490, 1.8415), (-0.2343, 3.0986)),
-                        "flux": ((-0.04, 1.8726), (-0.2343, 3.0986))}
+RELEASE_LATENT_STATS = vae.RELEASE_LATENT_STATS
 # the release's names inside a block -> ours (the rest are the same: norm1, conv1.conv, ...)
 VAE_RENAMES = [("conv_shortcut.conv.", "skip."), ("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."),
                ("to_v.", "v."), ("to_out.0.", "out.")]
@@ -350,11 +347,12 @@ def run_settings(phase: int, **changes) -> dict:
     return dataclasses.asdict(dataclasses.replace(config.Config(), **settings, **changes))
 
 
-def dit_checkpoint(cfg: dit.DiTConfig, state: dict, settings: dict) -> dict:
-    """A checkpoint as train.py's full recipe writes it (sample.py --ckpt, train.py --init_from)."""
+def dit_checkpoint(cfg: dit.DiTConfig, state: dict, settings: dict, vae_config=None) -> dict:
+    """A checkpoint as train.py's full recipe writes it (sample.py --ckpt, train.py --init_from);
+    vae_config: the layout of the VAE whose latents it takes (sample.py checks a --vae_ckpt by it)."""
     weights = {"net.dit." + k: v.contiguous() for k, v in state.items()}
     return dict(kind="pyramid-flow", task="video", config=settings, dit_config=dataclasses.asdict(cfg),
-                model=weights, ema=weights, vae=None, vae_config=None, text_features=True, step=0)
+                model=weights, ema=weights, vae=None, vae_config=vae_config, text_features=True, step=0)
 
 
 def convert_dit_folder(folder: str):
@@ -433,7 +431,7 @@ def main(argv):
     for r in dits:
         cfg, state = convert_dit_folder(os.path.join(source, f"diffusion_transformer_{r}"))
         settings = run_settings(RESOLUTIONS[r], text_encoder="sd3:" + os.path.abspath(source), vae_ckpt=vae_path)
-        save_torch(out(f"dit_{r}.pt"), dit_checkpoint(cfg, state, settings))
+        save_torch(out(f"dit_{r}.pt"), dit_checkpoint(cfg, state, settings, vae_cfg if has_vae else None))
         print(f"wrote {out(f'dit_{r}.pt')}")
 
 

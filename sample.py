@@ -68,8 +68,11 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
         if not vae_ckpt:
             fail(f"{path} was trained on extracted latents: pass --vae_ckpt=PATH, the VAE that extracted them")
         vae = load_vae(vae_ckpt).to(device)
-        # the latents the run trained on: its channels, and its --vae_size's compression
-        trained = vae_module.VAE_SIZES.get(ck["config"].get("vae_size"), vae.cfg)
+        # the latents the run trained on: its channels, and the compression of its VAE (a converted
+        # checkpoint records that VAE's layout) or of its --vae_size
+        recorded = ck.get("vae_config")
+        trained = vae_module.VAEConfig(**recorded) if recorded else vae_module.VAE_SIZES.get(
+            ck["config"].get("vae_size"), vae.cfg)
         made, want = [(c.latent_channels, c.spatial_factor, c.temporal_factor) for c in (vae.cfg, trained)]
         if made[0] != net.dit.cfg.in_channels or made[1:] != want[1:]:
             fail(f"--vae_ckpt={vae_ckpt} makes {made[0]}-channel latents at {made[1]}x{made[1]}x{made[2]} "

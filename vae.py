@@ -344,6 +344,20 @@ def kl(mean, logvar):
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
+# The release's pipeline normalises latents outside its VAE, (z - shift) / scale, frame 0 apart:
+# (shift, scale) of frame 0 and of the later frames, for the MM-DiT (sd3) and the FLUX (miniflux) model.
+# Its extraction stores raw posterior samples; this repo's stores normalised means (vae.normalize).
+RELEASE_LATENT_STATS = {"mmdit": ((0.1490, 1.8415), (-0.2343, 3.0986)),
+                        "flux": ((-0.04, 1.8726), (-0.2343, 3.0986))}
+
+
+def normalize_release(z, model="mmdit"):
+    """Raw latents [..., T, h, w] of the release's extraction (clip frame 0 first) -> the normalised
+    latents the DiT takes: frame 0 and the later frames with their own (shift, scale)."""
+    (s0, c0), (s1, c1) = RELEASE_LATENT_STATS[model]
+    return torch.cat([(z[..., :1, :, :] - s0) / c0, (z[..., 1:, :, :] - s1) / c1], dim=-3)
+
+
 class CausalVAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()

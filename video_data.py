@@ -40,6 +40,7 @@ from tqdm import tqdm
 import dit
 import pyramid_flow as pf
 from common import DataError, fail, first_line, load_vae, out_dir_lock, save_text, save_torch, setup_distributed
+import vae
 from vae import VAE_SIZES
 from video_decode import BadClip, media_path, read_clip
 
@@ -636,6 +637,11 @@ class FeatureDataset:
             self.bucket_of.append((T, len(self.buckets.setdefault(T, []))))
             self.buckets[T].append(i)
         self.scan_bad = bad.count
+        raw = sum("latent_frames" not in e for e in self.entries)
+        if raw:  # release-format files: written by the release's extraction, not this repo's
+            print(f"note: {raw} of {len(self.entries)} entries of {path} carry no record of this repo's extraction: "
+                  f"their latents are read as the release's raw VAE samples and normalised with its shift and scale "
+                  f"(vae.normalize_release); this repo's extraction stores them normalised")
 
     @staticmethod
     def scan(e, read_text=True):
@@ -679,6 +685,8 @@ class FeatureDataset:
                              f"not {self.text_dim} and {self.pooled_dim}")
         _finite(e["latent"], latent)
         _finite(e["text_fea"], tokens, pooled)
+        if "latent_frames" not in e:  # not this repo's extraction: the release's raw VAE samples
+            latent = vae.normalize_release(latent.float())
         return dict(latent=latent.float(), text=tokens.float(), text_mask=mask, pooled=pooled.float())
 
     def __getitem__(self, i):

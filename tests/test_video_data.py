@@ -283,13 +283,18 @@ def release_files(root, n=3, frames=(2, 2, 3), length=128):
     return root / "release.jsonl"
 
 
-def test_release_format_features_load_as_they_are(tmp_path):
+def test_release_format_features_load_with_the_release_normalisation(tmp_path):
+    """The release's extraction stores raw VAE samples (its pipeline normalises them as it trains):
+    an entry without this repo's record ("latent_frames") is normalised with the release's shift
+    and scale as it loads, frame 0 apart; the text features load as they are."""
     ds = vd.FeatureDataset(str(release_files(tmp_path)))
     assert ds.buckets == {2: [0, 1], 3: [2]}                          # read from the files' headers
     assert (ds.latent_channels, ds.latent_size, ds.text_dim, ds.pooled_dim) == (16, (4, 6), 64, 2048)
     b = ds.batch([0, 1])
     feats = [torch.load(tmp_path / f"txt{i}.pt", weights_only=True) for i in (0, 1)]
-    assert torch.equal(b["latents"], torch.cat([torch.load(tmp_path / f"lat{i}.pt") for i in (0, 1)]))
+    raw = torch.cat([torch.load(tmp_path / f"lat{i}.pt") for i in (0, 1)])     # [2, 16, 2, 4, 6]
+    torch.testing.assert_close(b["latents"][:, :, 0], (raw[:, :, 0] - 0.1490) / 1.8415)
+    torch.testing.assert_close(b["latents"][:, :, 1], (raw[:, :, 1] + 0.2343) / 3.0986)
     assert torch.equal(b["text"], torch.cat([f["prompt_embed"] for f in feats]))
     assert b["text_mask"].dtype == torch.bool and b["text_mask"].sum(1).tolist() == [5, 6]
     assert torch.equal(b["pooled"], torch.cat([f["pooled_prompt_embed"] for f in feats]))
@@ -345,7 +350,8 @@ def test_cut_to_max_latent_frames_and_dataloader(tmp_path):
     ds = vd.FeatureDataset(str(ann), max_latent_frames=3)
     assert ds.buckets == {2: [0], 3: [1, 2]}                         # the 5-frame clip joins the 3s
     full = torch.load(tmp_path / "lat2.pt", weights_only=True)
-    assert torch.equal(ds[2]["latent"], full[0, :, :3])              # its first 3 latent frames
+    # its first 3 latent frames (release files: normalised as they load)
+    assert torch.equal(ds[2]["latent"], vae.normalize_release(full[0, :, :3]))
     loader = torch.utils.data.DataLoader(ds, batch_sampler=list(ds.buckets.values()), collate_fn=ds.collate)
     shapes = [b["latents"].shape for b in loader]
     assert shapes == [(1, 16, 2, 4, 6), (2, 16, 3, 4, 6)]
