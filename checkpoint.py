@@ -51,10 +51,15 @@ def save_sharded(path, model, ema, opt, index):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         save_torch(path, dict(index, sharded=name))
-        for old in os.listdir(root):
-            if old.startswith("ckpt.step") and old.endswith(".dcp") and old != name:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        _remove_shards(root, keep=name)
     _barrier()
+
+
+def _remove_shards(root, keep=None):
+    """Shard folders that the index no longer names."""
+    for old in os.listdir(root):
+        if old.startswith("ckpt.step") and old.endswith(".dcp") and old != keep:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
 def load_sharded(path, index, model, ema, opt=None):
@@ -85,6 +90,7 @@ def save(path, model, ema, opt, fsdp, index):
                    optimizer=optimizer_state(model, opt, False))
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_torch(path, dict(index, **weights))
+        _remove_shards(os.path.dirname(path))  # a run that was sharded before
     _barrier()
 
 
