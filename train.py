@@ -48,10 +48,11 @@ import feature_loader
 import metrics
 import pyramid_flow as pf
 import vae
+import video_samples
 from common import (Interrupts, any_rank, autocast, build_sharded, check_writable_dir, fail, int_list, is_master,
-                    load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed, tile, write_video)
+                    load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
-from toy import data, evaluate
+from toy import data
 from toy.toy2d import Toy2D
 from toy.vae_task import VAETask
 
@@ -235,10 +236,6 @@ class Video:
             groups.append(dict(group, captions=self.with_captions(captions, drop, device)))
         return dict(groups=groups)
 
-    def cost(self, batch):
-        """(samples, tokens, model FLOPs) of a micro-batch (metrics.py)."""
-        return metrics.video_step_cost(batch["groups"], self.dit_cfg)
-
     def extra(self):
         """What sample.py needs beside the weights: the network's config and the frozen VAE."""
         return dict(dit_config=dataclasses.asdict(self.dit_cfg),
@@ -247,7 +244,7 @@ class Video:
 
     def finish(self, model, out_dir, device):
         if self.cfg.eval_captions > 0:
-            report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
+            video_samples.report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
 
 
 class FeatureVideo(Video):
@@ -285,6 +282,8 @@ class FeatureVideo(Video):
                                          pooled_dim=self.data.pooled_dim)
         self.check_pyramid((h, w))
         self.vae = None
+        if cfg.sample_every and not (cfg.text_encoder and cfg.vae_ckpt):
+            fail("--sample_every on extracted features needs --text_encoder and --vae_ckpt (those that extracted them)")
 
     def model(self):
         return VideoLoss(dit.TextToVideo(self.dit_cfg, toy_text=False), self.windows, self.cfg.prediction)
@@ -343,31 +342,6 @@ def video_task(cfg):
         fail(f"--preset={cfg.preset} trains on extracted features: pass --data=PATH/extracted.jsonl "
              f"(made by python train.py --task=extract)")
     return FeatureVideo(cfg) if phase_data(cfg).endswith(".jsonl") else Video(cfg)
-
-
-def report(net, cfg, vae_model, out_dir, device, seed=1234):
-    """End of a video run: sample the evaluation captions with sample.generate, score them
-    (toy/evaluate.py), write a grid GIF, a few single videos and report.json next to the
-    checkpoint; returns the scores."""
-    import sample  # the one import of sample.py here: the end-of-run report samples
-    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    pool = data.SHAPE_CAPTIONS if cfg["data"] == "shapes" else data.DIGIT_CAPTIONS
-    captions = [pool[i % len(pool)] for i in range(cfg["eval_captions"])]
-    net.eval()
-    videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae_model, seed=seed, device=device)
-    if cfg["data"] == "shapes":
-        scores = evaluate.score_shapes(videos.cpu(), captions)
-    else:
-        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
-        scores = evaluate.score_digits(videos.cpu(), captions, clf)
-    scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
-    write_video(os.path.join(out_dir, "samples.gif"), tile(videos, cols=8))
-    for j in range(min(4, len(captions))):
-        write_video(os.path.join(out_dir, f"sample_{j}_{captions[j].replace(' ', '_')}.gif"), videos[j])
-    save_json(os.path.join(out_dir, "report.json"), dict(captions=len(captions), seed=seed, scores=scores))
-    print(f"{len(captions)} sampled captions: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    print(f"wrote {os.path.join(out_dir, 'samples.gif')} (grid, caption order of toy/data.py) and report.json")
-    return scores
 
 
 TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": video_task}
@@ -567,7 +541,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
             total += loss.item() / cfg.grad_accum
             for key, v in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + v / cfg.grad_accum
-            cost = [a + b for a, b in zip(cost, task.cost(batch) if hasattr(task, "cost") else (0, 0, 0))]
+            if cfg.task == "video":  # samples, tokens, model FLOPs
+                cost = [a + b for a, b in zip(cost, metrics.video_step_cost(batch["groups"], task.dit_cfg))]
             # a signal: every rank stops after this micro-step (they agree on which)
             stop = any_rank(interrupts.signum is not None, device)
             if stop and micro < cfg.grad_accum - 1:
@@ -617,8 +592,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
                       f"{'skipped (spike) ' if skip else ''}{metrics.describe(record)} {time.time() - t0:.0f}s")
         if cfg.save_every and step % cfg.save_every == 0:
             save()
-        if cfg.sample_every and step % cfg.sample_every == 0 and hasattr(task, "samples"):
-            task.samples(ema, out_dir, step, device)
+        if cfg.sample_every and step % cfg.sample_every == 0 and cfg.task == "video":
+            video_samples.during_training(task, ema, out_dir, step, device)
         if stop:
             break
     bar.close()

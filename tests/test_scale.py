@@ -21,7 +21,7 @@ import feature_loader
 import metrics
 import sample
 import train
-from test_full import TINY, _free_port, extracted, load  # noqa: F401 - extracted: the module's fixture
+from test_full import TINY, _free_port, extracted, load, tiny_text_encoder  # noqa: F401 - extracted: a fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASE = ["--preset=full", "--phase=2", "--init_from=none"]
@@ -56,7 +56,7 @@ def test_each_rank_reads_a_disjoint_shard_and_an_epoch_covers_every_clip():
 
 # ---------------------------------------------------------------- sharded checkpoints, metrics
 
-def _worker(rank, port, data, out):
+def _worker(rank, port, data, out, vae_ckpt):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -69,15 +69,22 @@ def _worker(rank, port, data, out):
     torch.distributed.all_gather_object(everyone, seen)
     if rank == 0:
         torch.save(everyone, os.path.join(out, "seen.pt"))
-    train.train(settings(data, out, "--fsdp=true", "--max_steps=2", "--peak_tflops=0.001"), quiet=True)
+    import text_encoders
+    text_encoders.load_text_encoder = tiny_text_encoder  # the one that extracted the features
+    train.train(settings(data, out, "--fsdp=true", "--max_steps=2", "--peak_tflops=0.001", "--sample_every=2",
+                         "--text_encoder=tiny", f"--vae_ckpt={vae_ckpt}", "--sample_steps=1,1,1",
+                         "--sample_steps_later=1,1,1"), quiet=True)
 
 
 def test_two_gloo_ranks_read_disjoint_shards_and_sharded_checkpoints_resume_on_one(tmp_path, extracted):
     """Both ranks read disjoint shards of the features; then an FSDP run over both writes its
-    shards and metrics.jsonl; one process, unsharded, resumes from the shards."""
+    shards, metrics.jsonl and samples of the sharded EMA; one process, unsharded, resumes from the shards."""
     out = tmp_path / "run"
     os.makedirs(out)
-    mp.spawn(_worker, args=(_free_port(), extracted[0], str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), extracted[0], str(out), extracted[1]), nprocs=2, join=True)
+    import imageio.v2 as imageio
+    grid = imageio.mimread(out / "phase2" / "samples" / "step0000002.gif")  # 4 captions of 17 frames, 64x128
+    assert len(grid) >= 2 and grid[0].shape[:2] == (64, 4 * 128)
     zero, one = torch.load(out / "seen.pt")
     import video_data
     everything = sorted(x["latent"].sum().item() for x in video_data.FeatureDataset(extracted[0]))
@@ -110,6 +117,15 @@ def test_two_gloo_ranks_read_disjoint_shards_and_sharded_checkpoints_resume_on_o
     assert not any(f.endswith(".dcp") for f in os.listdir(out / "phase2"))  # the shards are superseded
     train.train(dataclasses.replace(cfg, max_steps=3), quiet=True)  # and it trains on
     assert len(load(out / "phase2" / "ckpt.pt")["history"]) == 3
+
+
+def test_samples_every_n_steps_on_the_toy_data(tmp_path):
+    train.main(["--preset=tiny-pixel", "--batch_size=6", "--max_steps=2", "--sample_every=1", "--eval_captions=0",
+                "--sample_steps=1,1,1", "--sample_steps_later=1,1,1", "--log_every=1", "--device=cpu",
+                f"--out_dir={tmp_path}"])
+    import imageio.v2 as imageio
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step0000001.gif", "step0000002.gif"]
+    assert imageio.mimread(tmp_path / "samples" / "step0000002.gif")[0].shape[:2] == (32, 4 * 32)
 
 
 # ---------------------------------------------------------------- preemption
