@@ -89,8 +89,8 @@ class Meter:
         if master:
             kept = []
             if step and os.path.exists(self.path):
-                with open(self.path) as f:
-                    kept = [line for line in f if json.loads(line)["step"] <= step]
+                with open(self.path) as f:  # a line cut short by a kill is dropped
+                    kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
             try:  # the optional extra
