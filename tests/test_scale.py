@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import checkpoint
+import common
 import config
 import feature_loader
 import metrics
@@ -67,8 +68,17 @@ def _worker(rank, port, data, out, vae_ckpt):
     seen = [task.stream.next()["latents"].sum().item() for _ in range(3)]
     everyone = [None, None]
     torch.distributed.all_gather_object(everyone, seen)
+    # the bf16 policy of FSDP on CUDA (common.shard), here on the CPU: computes in bf16, keeps fp32
+    # shards and reduces fp32 gradients
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    common.shard([net], torch.nn.Linear, bf16=True)
+    seen = []
+    net[0].register_forward_pre_hook(lambda m, x: seen.append(m.weight.dtype))
+    y = net(torch.randn(4, 8))
+    y.float().square().mean().backward()
+    dtypes = [y.dtype, seen[0], net[0].weight.dtype, net[0].weight.grad.dtype]
     if rank == 0:
-        torch.save(everyone, os.path.join(out, "seen.pt"))
+        torch.save(dict(seen=everyone, dtypes=dtypes), os.path.join(out, "seen.pt"))
     import text_encoders
     text_encoders.load_text_encoder = tiny_text_encoder  # the one that extracted the features
     train.train(settings(data, out, "--fsdp=true", "--max_steps=2", "--peak_tflops=0.001", "--sample_every=2",
@@ -85,7 +95,9 @@ def test_two_gloo_ranks_read_disjoint_shards_and_sharded_checkpoints_resume_on_o
     import imageio.v2 as imageio
     grid = imageio.mimread(out / "phase2" / "samples" / "step0000002.gif")  # 4 captions of 17 frames, 64x128
     assert len(grid) >= 2 and grid[0].shape[:2] == (64, 4 * 128)
-    zero, one = torch.load(out / "seen.pt")
+    seen = torch.load(out / "seen.pt")
+    assert seen["dtypes"] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    zero, one = seen["seen"]
     import video_data
     everything = sorted(x["latent"].sum().item() for x in video_data.FeatureDataset(extracted[0]))
     assert not set(zero) & set(one) and sorted(zero + one) == pytest.approx(everything)
@@ -131,8 +143,12 @@ def test_samples_every_n_steps_on_the_toy_data(tmp_path):
 # ---------------------------------------------------------------- preemption
 
 def test_a_signal_mid_step_drops_the_partial_step_and_the_resumed_run_redoes_it(tmp_path, extracted, monkeypatch):
+    import video_data
+    scans, load_entries = [], video_data.load_entries
+    monkeypatch.setattr(video_data, "load_entries", lambda path: scans.append(path) or load_entries(path))
     cfg = settings(extracted[0], tmp_path / "whole", "--max_steps=3")  # one process: 2 micro-steps a step
     whole = train.train(cfg, quiet=True)[0]
+    assert scans == [extracted[0]]  # the annotation file is read once a run (checks and training)
     batch, calls = train.FeatureVideo.batch, []
 
     def signalled(self, g, device):
