@@ -17,6 +17,8 @@ import signal
 
 import torch
 
+from common import fail
+
 
 def epoch_batches(buckets, batch_size, seed, epoch):
     """The epoch's global list of batches (lists of dataset indices), each from one bucket."""
@@ -52,8 +54,8 @@ class ShardedBatches:
         self.rank, self.world = rank, world
         self.per_epoch = batches_per_epoch(buckets, batch_size)
         if self.per_epoch < world:
-            raise SystemExit(f"error: {self.per_epoch} batches of {batch_size} clips an epoch cannot feed "
-                             f"{world} processes; use a smaller --batch_size or more data")
+            fail(f"{self.per_epoch} batches of {batch_size} clips an epoch cannot feed {world} processes; "
+                 f"use a smaller --batch_size or more data")
         epoch, pos = position  # a round of `world` batches that no longer fits: the next epoch
         self.position = (epoch + 1, 0) if pos + world > self.per_epoch else (epoch, pos)
 

@@ -318,7 +318,7 @@ class FeatureVideo(Video):
         return b["latents"][j:j + per, :, :T], tuple(b[k][j:j + per] for k in ("text", "text_mask", "pooled")), T
 
     def latents(self, clips, i, device):
-        return clips[:, :, :i + 1].to(device)                                  # [b, C, i + 1, h, w]
+        return clips[:, :, :i + 1].to(device, non_blocking=True)               # [b, C, i + 1, h, w]
 
     def with_captions(self, text, drop, device):
         """The null caption's features where a caption drops out."""
