@@ -76,10 +76,11 @@ def save_text(path, text, rank=None):
     atomic_write(path, write, rank)
 
 
-def read_checkpoint(path, kind, what, hint="", mmap=False):
+def read_checkpoint(path, kind, what, hint="", mmap=False, sharded=False):
     """The dict saved at `path` (tensors on the CPU; memory-mapped with mmap=True, read as they
     load), checked to be of `kind`; a missing, truncated or foreign file gets one line, not a
-    traceback. Never unpickles code (weights_only)."""
+    traceback. Never unpickles code (weights_only). The index of a sharded checkpoint (checkpoint.py)
+    is refused unless sharded=True (its reader loads the shards)."""
     if not os.path.isfile(path):
         fail(f"no {what} at {path}{hint}")
     try:
@@ -88,6 +89,9 @@ def read_checkpoint(path, kind, what, hint="", mmap=False):
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated, or not written by torch.save)")
     if not isinstance(ck, dict) or ck.get("kind") != kind:
         fail(f"{path} is not a {what} of this repository{hint}")
+    if ck.get("sharded") and not sharded:
+        fail(f"{path} is the index of a sharded checkpoint ({ck['sharded']}); write one file with "
+             f"python checkpoint.py {path}")
     return ck
 
 
@@ -336,16 +340,44 @@ def autocast(device):
 # -----------------------------------------------------------------------------
 # FSDP2 state: full (unsharded) tensors in and out of sharded modules
 
-def shard(modules, block_type):
+def shard(modules, block_type, bf16=False):
     """FSDP2 (torch's fully_shard): every `block_type` block, then the whole module, keeps
     1/world of its weights, gradients and AdamW states; a block's weights are gathered only while
-    it runs. Used on the model and its EMA alike, so the EMA update stays a per-shard lerp."""
-    from torch.distributed.fsdp import fully_shard
+    it runs. Used on the model and its EMA alike, so the EMA update stays a per-shard lerp.
+    bf16: gather the weights in bf16 for compute and reduce the gradients in fp32 (the shards and
+    AdamW stay fp32); the CPU keeps fp32 throughout, as autocast does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     for module in modules:
         for block in module.modules():
             if isinstance(block, block_type):
-                fully_shard(block)
-        fully_shard(module)
+                fully_shard(block, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+
+
+def build_sharded(make, device, block_type):
+    """(model, EMA) of make() under FSDP2, materialised only as shards: every rank builds them on
+    the meta device and shards them; rank 0 alone builds the initial weights (on the CPU, from the
+    seed set before) and sends each rank its part. Mixed precision on CUDA (shard)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    full = make().state_dict() if is_master() else {}
+    with torch.device("meta"):
+        model, ema = make(), make().requires_grad_(False)
+    shard((model, ema), block_type, bf16=torch.device(device).type == "cuda")
+    for module in (model, ema):
+        module.to_empty(device=device)
+        set_model_state_dict(module, dict(full), options=_full_state_options(broadcast_from_rank0=True))
+    return model, ema
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any (a collective under torchrun), so all agree."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() > 0
 
 
 def _full_state_options(**kw):

@@ -113,6 +113,9 @@ class Config:
     # > 1 defaults to the previous phase's checkpoint ("none": from scratch)
     init_from: str = ""
     fsdp: bool = False             # shard weights, gradients and AdamW states (FSDP2) instead of DDP
+    workers: int = 0               # data loader processes per rank reading features ahead; 0: in the loop
+    peak_tflops: float = 0.0       # one device's peak for the MFU; 0: its bf16 peak if known (metrics.py)
+    sample_every: int = 0          # > 0: rank 0 writes the EMA's videos of a few captions every N steps
     dry_run: bool = False          # print parameters, tokens, batch arithmetic, memory per GPU; exit
     world: int = 0                 # GPUs the dry run plans for; 0: torchrun's WORLD_SIZE, or 1
     frame_width: int = 0           # pixels per row for frames that are not square; 0: size x size
@@ -185,7 +188,7 @@ PRESETS = {
                  K=3, stage_ratio="1,2,1",  # the release's 1:2:1 (low:mid:full)
                  adam_eps=1e-6, weight_decay=1e-4, grad_clip=1.0, warmup_steps=1000, lr_decay="none",
                  grad_checkpointing=True, ema_decay=0.9999, log_every=100, save_every=1000, eval_captions=0,
-                 fps=24),  # the paper's videos: 121 frames are 5 s
+                 workers=4, fps=24),  # the paper's videos: 121 frames are 5 s
 }
 
 # The phases of a preset: settings over the preset's, phase by phase (--phase=N runs one). Table 4 for
@@ -265,7 +268,7 @@ AT_LEAST = dict(lr=0, weight_decay=0, warmup_steps=0, max_steps=0, batch_size=1,
                 spike_factor=0, log_every=1, save_every=0, threads=0, K=1, data_pool=0, frames=1, size=1,
                 width=0, depth=0, heads=0, patch=0, vae_steps=0, eval_captions=0, toy_width=1, toy_points=1,
                 vae_frames=1, kl_weight=0, disc_weight=0, disc_start=0, phase=0, global_batch=0, world=0,
-                frame_width=0, fps=0, adam_eps=1e-30)
+                frame_width=0, fps=0, adam_eps=1e-30, workers=0, peak_tflops=0, sample_every=0)
 IN_0_1 = ("image_ratio", "caption_dropout", "history_noise")  # [0, 1]
 BELOW_1 = ("ema_decay", "beta1", "beta2")                     # [0, 1)
 
@@ -374,7 +377,7 @@ def phase_start(cfg):
     else a phase > 1 starts from the previous phase's final weights and EMA, with a fresh optimizer."""
     ckpt = os.path.join(run_dir(cfg), "ckpt.pt")
     if os.path.exists(ckpt) and not cfg.overwrite:
-        ck = read_checkpoint(ckpt, "pyramid-flow", "checkpoint", mmap=True)
+        ck = read_checkpoint(ckpt, "pyramid-flow", "checkpoint", mmap=True, sharded=True)
         step = ck.get("step", 0)
         if step >= cfg.max_steps:
             if is_master():
@@ -389,7 +392,7 @@ def phase_start(cfg):
         if not os.path.exists(previous):
             fail(f"phase {cfg.phase} starts from phase {cfg.phase - 1}'s checkpoint {previous}, which does not "
                  f"exist: run --phase={cfg.phase - 1} first (or --init_from=PATH|none)")
-        prev = read_checkpoint(previous, "pyramid-flow", "checkpoint", mmap=True)
+        prev = read_checkpoint(previous, "pyramid-flow", "checkpoint", mmap=True, sharded=True)
         done, total = prev.get("step", 0), prev.get("config", {}).get("max_steps", 0)
         if done < total:
             fail(f"phase {cfg.phase - 1} stopped at step {done} of {total}: finish it first (--phase={cfg.phase - 1})")
@@ -402,7 +405,8 @@ def phase_start(cfg):
 # vae_ckpt may name the same VAE elsewhere: its weights are compared instead.
 RESUMABLE = ("max_steps", "log_every", "save_every", "eval_captions", "sample_steps", "sample_steps_later",
              "guidance", "video_guidance", "threads", "device", "resume", "overwrite", "out_dir", "vae_ckpt",
-             "init_from", "grad_checkpointing", "world", "dry_run", "text_encoder", "data", "null_text_only")
+             "init_from", "grad_checkpointing", "world", "dry_run", "text_encoder", "data", "null_text_only", "fsdp",
+             "workers", "peak_tflops", "sample_every")
 # with a global batch the accumulation follows the world size: another number of GPUs may resume
 DERIVED = dict(grad_accum="global_batch")
 
@@ -492,6 +496,8 @@ def dry_run(cfg, task_model):
     accum = accumulation(cfg, world)
     print(f"global batch {cfg.batch_size * world * accum} = {cfg.batch_size} per GPU x {gpus} x {accum} "
           f"accumulation step{'s' if accum > 1 else ''}")
+    if cfg.task == "video":
+        step_flops(cfg, net_cfg, (h, w, T), tokens - pf.pyramid_tokens(h, w, T, 0, cfg.K, p), world, accum)
     states = n * STATE_BYTES_PER_PARAM / 1e9
     kept = BLOCK_INPUT_BYTES * depth + BLOCK_BYTES if cfg.grad_checkpointing else BLOCK_BYTES * depth
     acts = cfg.batch_size * tokens * width * kept / 1e9
@@ -504,6 +510,27 @@ def dry_run(cfg, task_model):
           f"value ({how}), rough; bf16 weight copies under autocast add up to {n * 2 / 1e9:.1f} GB")
 
 
+def step_flops(cfg, net_cfg, thw, text, world, accum):
+    """The dry run's model FLOPs of a step (metrics.py): a sample's, averaged over the stage ratio,
+    the AR positions of the longest clips (uniform) and the images, times the global batch."""
+    import metrics
+    (h, w, T), p, K = thw, net_cfg.patch_size, cfg.K
+    ratio = [int(r) for r in cfg.stage_ratio.split(",")]  # lowest resolution first
+
+    def sample(frames, k):  # the last of `frames` latent frames at stage k
+        video = pf.pyramid_tokens(h, w, frames, k, K, p)
+        return metrics.train_flops(net_cfg.width, net_cfg.depth, video, text, net_cfg.mlp_ratio)
+    mean = sum(r * ((1 - cfg.image_ratio) * sum(sample(i + 1, K - 1 - j) for i in range(T)) / T
+                    + cfg.image_ratio * sample(1, K - 1 - j)) for j, r in enumerate(ratio)) / sum(ratio)
+    batch = cfg.batch_size * world * accum
+    seconds = batch * mean / world / (ASSUMED_MFU * metrics.PEAK_BF16_TFLOPS["H100"] * 1e12)
+    print(f"model FLOPs per step: {batch * mean:.3g} = {batch} samples x {mean:.3g} (mean over the stage ratio, "
+          f"AR positions of {T}-latent-frame clips and {cfg.image_ratio:.1%} images; metrics.py)")
+    print(f"  at {ASSUMED_MFU:.0%} MFU of H100s (989 TFLOP/s bf16): ~{seconds:.3g} s a step on {world} GPU(s), "
+          f"~{seconds * cfg.max_steps / 86400:.3g} days for {cfg.max_steps:,} steps (an assumed MFU, not measured)")
+
+
+ASSUMED_MFU = 0.4  # for the dry run's time estimate only
 STATE_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weight, gradient, AdamW's two moments, EMA
 BLOCK_INPUT_BYTES = 4  # a block's input: the residual stream stays fp32 under autocast
 # bf16 values per token and channel inside a block (qkv, q/k norms, attention, MLP 4x, modulation)

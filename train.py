@@ -41,15 +41,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import config
 import dit
+import feature_loader
+import metrics
 import pyramid_flow as pf
 import vae
-from common import (DataError, Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module,
-                    load_optimizer, load_vae, module_state, optimizer_state, out_dir_lock, read_checkpoint, save_json,
-                    save_torch, setup_distributed, shard, tile, write_video)
+import video_samples
+from common import (DataError, Interrupts, any_rank, autocast, build_sharded, check_writable_dir, fail, int_list,
+                    is_master, load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
-from toy import data, evaluate
+from toy import data
 from toy.toy2d import Toy2D
 from toy.vae_task import VAETask
 
@@ -241,14 +244,16 @@ class Video:
 
     def finish(self, model, out_dir, device):
         if self.cfg.eval_captions > 0:
-            report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
+            video_samples.report(model.net, self.cfg, self.vae.to(device) if self.vae else None, out_dir, device)
 
 
 class FeatureVideo(Video):
     """Text-to-video on real data as extracted features (--data=PATH/extracted.jsonl, made by
     --task=extract): VAE latents and frozen-encoder text features, so no VAE or text encoder runs in
-    the loop. Clips of one latent length form a bucket (video_data.FeatureDataset); images
-    (--image_ratio of the groups: 12.5% in the video phases, App. B) come from the one-frame bucket."""
+    the loop. Clips of one latent length form a bucket (video_data.FeatureDataset); each rank reads
+    its shard of an epoch's batches through --workers loader processes (feature_loader.py), a
+    micro-batch from one bucket; --image_ratio of its groups (12.5% in the video phases, App. B)
+    train on their clips' first latent frames, images of the data set are a one-frame bucket."""
 
     def __init__(self, cfg):
         import video_data  # real data only: the toy presets never need it
@@ -277,6 +282,8 @@ class FeatureVideo(Video):
                                          pooled_dim=self.data.pooled_dim)
         self.check_pyramid((h, w))
         self.vae = None
+        if cfg.sample_every and not (cfg.text_encoder and cfg.vae_ckpt):
+            fail("--sample_every on extracted features needs --text_encoder and --vae_ckpt (those that extracted them)")
 
     def model(self):
         return VideoLoss(dit.TextToVideo(self.dit_cfg, toy_text=False), self.windows, self.cfg.prediction)
@@ -290,21 +297,28 @@ class FeatureVideo(Video):
         j = int(torch.multinomial(torch.tensor(self.ratio, dtype=torch.float), 1, generator=g))
         return [(self.cfg.K - 1 - j, self.cfg.batch_size)]
 
+    def start_data(self, rank, world, position=None, device="cpu"):
+        """This rank's stream of micro-batches, from a checkpoint's position (the epoch and batch)."""
+        self.stream = feature_loader.FeatureStream(
+            self.data, self.buckets, self.cfg.batch_size, self.cfg.seed, rank, world, position or (0, 0),
+            self.cfg.workers, pin_memory=torch.device(device).type == "cuda")
+
+    def batch(self, g, device):
+        if getattr(self, "stream", None) is None:
+            self.start_data(0, 1)
+        self.clips, self.taken = self.stream.next(), 0
+        return super().batch(g, device)
+
     def draw(self, per, image, g, device):
-        """`per` clips of one bucket: the one-frame bucket (or any clip) for images; for video a
-        bucket drawn with weights proportional to its size (every clip as likely). Returns their
-        latents [per, C, T, h, w], text features (text, mask, pooled) and T."""
-        if image:
-            pool = self.buckets.get(1) or [j for ids in self.buckets.values() for j in ids]
-        else:
-            sizes = torch.tensor([len(self.buckets[T]) for T in self.videos], dtype=torch.float)
-            pool = self.buckets[self.videos[int(torch.multinomial(sizes, 1, generator=g))]]
-        b = self.data.batch([pool[j] for j in torch.randint(len(pool), (per,), generator=g).tolist()],
-                            latent_frames=1 if image else None)
-        return b["latents"], (b["text"], b["text_mask"], b["pooled"]), b["latents"].shape[2]
+        """The micro-batch's next `per` clips (one bucket): latents [per, C, T, h, w] (T = 1: their
+        first latent frames, an image), text features (text, mask, pooled) and T."""
+        b, j = self.clips, self.taken
+        self.taken += per
+        T = 1 if image else b["latents"].shape[2]
+        return b["latents"][j:j + per, :, :T], tuple(b[k][j:j + per] for k in ("text", "text_mask", "pooled")), T
 
     def latents(self, clips, i, device):
-        return clips[:, :, :i + 1].to(device)                                  # [b, C, i + 1, h, w]
+        return clips[:, :, :i + 1].to(device, non_blocking=True)               # [b, C, i + 1, h, w]
 
     def with_captions(self, text, drop, device):
         """The null caption's features where a caption drops out."""
@@ -330,31 +344,6 @@ def video_task(cfg):
     return FeatureVideo(cfg) if phase_data(cfg).endswith(".jsonl") else Video(cfg)
 
 
-def report(net, cfg, vae_model, out_dir, device, seed=1234):
-    """End of a video run: sample the evaluation captions with sample.generate, score them
-    (toy/evaluate.py), write a grid GIF, a few single videos and report.json next to the
-    checkpoint; returns the scores."""
-    import sample  # the one import of sample.py here: the end-of-run report samples
-    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    pool = data.SHAPE_CAPTIONS if cfg["data"] == "shapes" else data.DIGIT_CAPTIONS
-    captions = [pool[i % len(pool)] for i in range(cfg["eval_captions"])]
-    net.eval()
-    videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae_model, seed=seed, device=device)
-    if cfg["data"] == "shapes":
-        scores = evaluate.score_shapes(videos.cpu(), captions)
-    else:
-        clf = evaluate.load_or_train_digit_classifier(os.path.join("out", "digit_classifier.pt"))
-        scores = evaluate.score_digits(videos.cpu(), captions, clf)
-    scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
-    write_video(os.path.join(out_dir, "samples.gif"), tile(videos, cols=8))
-    for j in range(min(4, len(captions))):
-        write_video(os.path.join(out_dir, f"sample_{j}_{captions[j].replace(' ', '_')}.gif"), videos[j])
-    save_json(os.path.join(out_dir, "report.json"), dict(captions=len(captions), seed=seed, scores=scores))
-    print(f"{len(captions)} sampled captions: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    print(f"wrote {os.path.join(out_dir, 'samples.gif')} (grid, caption order of toy/data.py) and report.json")
-    return scores
-
-
 TASKS = {"toy2d": Toy2D, "vae": VAETask, "video": video_task}
 
 
@@ -373,7 +362,7 @@ def validate(cfg):
              "(and one number for --stage_ratio and the sample steps)")
     if cfg.frame_width and cfg.task == "video" and toy_data:
         fail("--frame_width is for real data (extracted features); the toy data is square (--size)")
-    if cfg.fsdp and "RANK" not in os.environ:
+    if cfg.fsdp and "RANK" not in os.environ:  # (one torchrun process may resume its shards: checkpoint.py)
         fail("--fsdp=true shards over the processes of torchrun; launch with torchrun")
     # the report would run the model on rank 0 alone
     if cfg.fsdp and (cfg.task != "video" or cfg.eval_captions):
@@ -381,9 +370,10 @@ def validate(cfg):
              "samples from the checkpoint)")
     check_writable_dir("out_dir", run_dir(cfg))
     config.check_out_dir(cfg)
-    TASKS[cfg.task](cfg)
+    task = TASKS[cfg.task](cfg)
     if has_vae_phase(cfg):
         validate(vae_phase(cfg))
+    return task
 
 
 # -----------------------------------------------------------------------------
@@ -446,13 +436,12 @@ def train_vae_first(cfg, quiet=False):
 def start_from(path, model, ema, task, fsdp):
     """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
     (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
-    ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True)
+    ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True, sharded=True)
     memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
     arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
     if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
         fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
-    load_module(model, ck.get("model"), fsdp, path)
-    load_module(ema, ck.get("ema"), fsdp, path)
+    checkpoint.load(path, ck, model, ema, None, fsdp)
 
 
 def train(cfg, quiet=False, on_step=None):
@@ -460,16 +449,18 @@ def train(cfg, quiet=False, on_step=None):
     since the start of the run (resumed runs included) and the trained module (not the EMA).
     Every setting is checked first (validate); the out_dir is locked for the run. on_step(step,
     ema), if given, is called after every optimizer step (the toy/ experiments evaluate with it)."""
-    validate(cfg)
+    task = validate(cfg)
     interrupts = Interrupts()
     try:
         with out_dir_lock(run_dir(cfg)):
-            return train_locked(cfg, quiet, interrupts, on_step)
+            # real data's task is kept (one scan of its annotation file); a toy task is built again
+            # after seeding, which fixes the initial weights
+            return train_locked(cfg, quiet, interrupts, on_step, task if isinstance(task, FeatureVideo) else None)
     finally:
         interrupts.restore()
 
 
-def train_locked(cfg, quiet, interrupts, on_step=None):
+def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if has_vae_phase(cfg):
@@ -483,11 +474,13 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         os.makedirs(out_dir, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    task = TASKS[cfg.task](cfg)
-    model = task.model().to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if cfg.fsdp:
-        shard((model, ema), dit.MMDiTBlock)
+    task = task or TASKS[cfg.task](cfg)
+    task.cfg = cfg
+    if cfg.fsdp:  # the model and EMA exist only as shards
+        model, ema = build_sharded(task.model, device, dit.MMDiTBlock)
+    else:
+        model = task.model().to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -497,50 +490,53 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     params = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                             fused=cfg.fused_adam and torch.device(device).type in ("cpu", "cuda"))
-    step, loss_mean, history = 0, None, []
+    step, loss_mean, history, data_at = 0, None, [], None
     if cfg.resume:
         # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
-        ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True)
+        ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True, sharded=True)
         config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path, ck.get("world"), world)
-        load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
-        load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
-        load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
-        step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
+        checkpoint.load(ckpt_path, ck, model, ema, opt, cfg.fsdp)
+        step, loss_mean, history, data_at = ck["step"], ck["loss_mean"], ck["history"], ck.get("data")
         if not same_weights(ck.get("vae"), task.extra().get("vae")):
             fail(f"{ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                  f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
     elif cfg.init_from and cfg.init_from != "none":
         start_from(cfg.init_from, model, ema, task, cfg.fsdp)
+    if hasattr(task, "start_data"):  # the data stream continues where the checkpoint was
+        task.start_data(rank, world, data_at, device)
+        data_at = task.stream.position()
     net = nn.parallel.DistributedDataParallel(model) if ddp and not cfg.fsdp else model
     n_params = sum(p.numel() for p in model.parameters())
     if master and not quiet:
         print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
               f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
+    meter = metrics.Meter(out_dir, step, world, metrics.peak_tflops(device, cfg.peak_tflops), master)
+    saved = None
 
-    def checkpoint(writer=master):
-        # under FSDP every rank gathers
-        weights = dict(model=module_state(model, cfg.fsdp), ema=module_state(ema, cfg.fsdp),
-                       optimizer=optimizer_state(model, opt, cfg.fsdp))
-        if writer:
-            save_torch(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, **weights, config=dataclasses.asdict(cfg),
-                                       step=step, loss_mean=loss_mean, history=history, world=world,
-                                       rng=dict(torch=torch.get_rng_state()), **task.extra()), rank)
+    def save(alone=False):  # every rank takes part (FSDP: each writes its shards); the step once
+        nonlocal saved
+        if saved != step:
+            checkpoint.save(ckpt_path, model, ema, opt, cfg.fsdp, dict(
+                kind="pyramid-flow", task=cfg.task, config=dataclasses.asdict(cfg), step=step, loss_mean=loss_mean,
+                history=history, data=data_at, world=world, rng=dict(torch=torch.get_rng_state()), **task.extra()),
+                alone=alone)
+            saved = step
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
-    t0 = time.time()
+    t0, stop = time.time(), False
     interrupts.listen()
     while step < cfg.max_steps:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        total, logs_sum = 0.0, {}
+        total, logs_sum, cost, started = 0.0, {}, [0.0, 0.0, 0.0], time.time()
         for micro in range(cfg.grad_accum):
             try:
                 batch = task.batch(step_generator(cfg, rank, step, micro), device)
             except DataError as e:  # too many bad feature files (video_data): keep the last good step
                 if not cfg.fsdp:
-                    checkpoint(writer=True)  # DDP: every rank holds the weights
+                    save(alone=True)  # DDP: every rank holds the weights, and the others may not know
                 kept = f"wrote {ckpt_path} at step {step}" if not cfg.fsdp else f"{ckpt_path} (if any) is kept"
                 fail(f"{str(e).strip().splitlines()[-1]}; {kept}")
             # FSDP reduce-scatters every micro-step
@@ -552,19 +548,26 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
             total += loss.item() / cfg.grad_accum
             for key, v in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + v / cfg.grad_accum
-        stop = interrupts.signum is not None  # read once a step: under DDP the ranks agree on it
+            if cfg.task == "video":  # samples, tokens, model FLOPs
+                cost = [a + b for a, b in zip(cost, metrics.video_step_cost(batch["groups"], task.dit_cfg))]
+            # a signal: every rank stops after this micro-step (they agree on which)
+            stop = any_rank(interrupts.signum is not None, device)
+            if stop and micro < cfg.grad_accum - 1:
+                break
+        if stop and micro < cfg.grad_accum - 1:  # mid-step: resuming does this step again
+            opt.zero_grad(set_to_none=True)
+            break
         if ddp:  # the logged loss is the mean over ranks, so every rank takes the same decisions
-            t = torch.tensor([total, float(stop)], device=device)
+            t = torch.tensor([total, *cost], device=device, dtype=torch.float64)
             torch.distributed.all_reduce(t)
-            total, stop = t[0].item() / world, t[1].item() > 0
+            total, cost = t[0].item() / world, t[1:].tolist()
         if not math.isfinite(total):
             fail(f"non-finite loss {total} at step {step}; stopping without saving "
                  f"(the last checkpoint, if any, is kept)")
         # no spike skip for an adversarial VAE: its loss jumps by design when the discriminator joins
         adversarial = cfg.task == "vae" and cfg.disc_weight > 0
         skip = step >= cfg.warmup_steps and not adversarial and is_spike(total, loss_mean, cfg.spike_factor)
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not skip:
             opt.step()
             with torch.no_grad():
@@ -580,24 +583,31 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         loss_mean = seen if loss_mean is None else 0.98 * loss_mean + 0.02 * seen
         history.append(total)
         step += 1
+        data_at = task.stream.position() if hasattr(task, "stream") else None
+        meter.add(time.time() - started, *cost)
         bar.update(1)
         if on_step is not None:
             on_step(step, ema)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # FSDP: a DTensor, whose value is a collective
+            norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            record = meter.log(step, dict(loss=total, loss_mean=loss_mean, **logs_sum, grad_norm=norm, lr=lr,
+                                          skipped=skip), device)
             extra = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items())
             bar.write(f"step {step}: loss {total:.4f} (mean {loss_mean:.4f}) {extra} lr {lr:.2e} "
-                      f"{'skipped (spike) ' if skip else ''}{time.time() - t0:.0f}s")
+                      f"{'skipped (spike) ' if skip else ''}{metrics.describe(record)} {time.time() - t0:.0f}s")
         if cfg.save_every and step % cfg.save_every == 0:
-            checkpoint()
+            save()
+        if cfg.sample_every and step % cfg.sample_every == 0 and cfg.task == "video":
+            video_samples.during_training(task, ema, out_dir, step, device)
         if stop:
-            bar.close()
-            checkpoint()
-            raise SystemExit(interrupts.message(step, ckpt_path))
+            break
     bar.close()
     interrupts.restore()
-    checkpoint()
-    # during the last step: its checkpoint is the final one
-    if interrupts.signum is not None and not ddp:
+    save()
+    # stopped by a signal (on any rank), or one came during the last step: its checkpoint is the final one
+    if stop or (interrupts.signum is not None and not ddp):
         raise SystemExit(interrupts.message(step, ckpt_path))
     if master:
         save_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
 import config
 import dit
 import sample
@@ -23,7 +24,8 @@ import vae
 
 TEXT_DIM, POOLED_DIM = 12, 8
 TINY = ["--width=32", "--depth=2", "--heads=2", "--size=64", "--frame_width=128", "--frames=17", "--batch_size=4",
-        "--global_batch=8", "--max_steps=2", "--warmup_steps=1", "--log_every=1", "--save_every=0", "--device=cpu"]
+        "--global_batch=8", "--max_steps=2", "--warmup_steps=1", "--log_every=1", "--save_every=0", "--device=cpu",
+        "--workers=0"]
 CAPTIONS = ["a red ball rolls", "waves on a beach", "a city at night", "a dog runs", "snow falls", "a bird"]
 
 
@@ -250,7 +252,7 @@ def _worker(rank, port, out, data):
     train.train(ddp, quiet=True)
     fsdp = dataclasses.replace(ddp, out_dir=f"{out}/fsdp", fsdp=True, max_steps=1)
     train.train(fsdp, quiet=True)
-    train.train(dataclasses.replace(fsdp, max_steps=2, resume=True), quiet=True)  # the gathered checkpoint resumes
+    train.train(dataclasses.replace(fsdp, max_steps=2, resume=True), quiet=True)  # the sharded checkpoint resumes
     root = os.path.dirname(os.path.dirname(data))  # extraction sharded over both ranks, then merged by rank 0
     text_encoders.load_text_encoder = tiny_text_encoder
     train.main(["--preset=full", "--phase=2", "--task=extract", f"--data={root}/data.jsonl",
@@ -266,7 +268,9 @@ def _free_port():
 
 def test_two_gloo_processes_under_ddp_and_fsdp_train_the_same_model(tmp_path, extracted):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), extracted[0]), nprocs=2, join=True)
-    ddp, fsdp = (load(tmp_path / d / "phase2" / "ckpt.pt") for d in ("ddp", "fsdp"))
+    assert load(tmp_path / "fsdp" / "phase2" / "ckpt.pt")["sharded"] == "ckpt.step2.dcp"  # an index of shards
+    checkpoint.consolidate(str(tmp_path / "fsdp" / "phase2" / "ckpt.pt"), str(tmp_path / "fsdp" / "model.pt"))
+    ddp, fsdp = load(tmp_path / "ddp" / "phase2" / "ckpt.pt"), load(tmp_path / "fsdp" / "model.pt")
     assert ddp["config"]["grad_accum"] == 2  # 16 = 4 x 2 processes x 2
     assert ddp["model"].keys() == fsdp["model"].keys() and ddp["ema"].keys() == fsdp["ema"].keys()
     for key in ddp["model"]:  # full tensors, as an unsharded run writes them

@@ -20,6 +20,7 @@ import common
 import config
 import sample
 import train
+from toy import evaluate
 from toy import toy2d as toy2d_task
 from toy import vae_task
 
@@ -272,7 +273,7 @@ def test_full_disk_on_config_json(tmp_path, monkeypatch):
 def test_full_disk_on_vae_pt(tmp_path, monkeypatch):
     cfg = dataclasses.replace(config.parse_args(["--preset=vae-toy"]), out_dir=str(tmp_path / "v"), max_steps=1,
                               batch_size=1, size=16)
-    monkeypatch.setattr(train.evaluate, "score_shapes",  # the scores are not tested here
+    monkeypatch.setattr(evaluate, "score_shapes",  # the scores are not tested here
                         lambda videos, captions: dict.fromkeys(("colour", "shape", "direction", "consistency"), 1.0))
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, **kw: (partial_then_full if "vae.pt" in str(f) else real)(obj, f))
@@ -365,7 +366,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
 
 
 def test_sigterm_in_the_vae_phase_resumes_it_then_trains_the_video_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.evaluate, "score_shapes",  # the VAE's scores at the end are not tested here
+    monkeypatch.setattr(evaluate, "score_shapes",  # the VAE's scores at the end are not tested here
                         lambda videos, captions: dict.fromkeys(("colour", "shape", "direction", "consistency"), 1.0))
     out = tmp_path / "run"
     small = ["--preset=tiny", "--size=16", "--width=32", "--depth=1", "--heads=1", "--batch_size=3", "--frames=3",
