@@ -30,6 +30,7 @@ tokens [B, L, D].
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 import config
 import dit
+import lora
 import pyramid_flow as pf
 import vae
 from common import (Interrupts, autocast, check_writable_dir, fail, int_list, is_master, load_module, load_optimizer,
@@ -129,6 +131,8 @@ class Video:
         except ValueError as e:
             fail(f"--model={cfg.model} with --width/--heads: {e}")
         self.data = data.SOURCES[cfg.data]  # the name is checked: config.validate_settings
+        if cfg.colours:  # shapes in these colours, e.g. cyan, which the quick start never saw
+            self.data = functools.partial(data.shapes_batch, colours=data.colour_list(cfg.colours))
         s = self.vae.cfg.spatial_factor if self.vae else 1
         if cfg.size % s:
             fail(f"--size={cfg.size} must be a multiple of {s}, the VAE's spatial factor")
@@ -371,6 +375,10 @@ def validate(cfg):
     if cfg.full_sequence and (cfg.K != 1 or cfg.causal):
         fail("--full_sequence=true is one stage with bidirectional attention: give --K=1 --causal=false "
              "(and one number for --stage_ratio and the sample steps)")
+    if cfg.colours and (cfg.data != "shapes" or not set(cfg.colours.split(",")) <= set(data.ALL_COLOURS)):
+        fail(f"--colours takes a comma-separated list of {', '.join(data.ALL_COLOURS)}, for --data=shapes")
+    if cfg.lora_rank and (cfg.task != "video" or cfg.init_from in ("", "none")):
+        fail("--lora_rank trains adapters of a video checkpoint: give --init_from=PATH, the base")
     if cfg.frame_width and cfg.task == "video" and toy_data:
         fail("--frame_width is for real data (extracted features); the toy data is square (--size)")
     if cfg.fsdp and "RANK" not in os.environ:
@@ -445,12 +453,15 @@ def train_vae_first(cfg, quiet=False):
 
 def start_from(path, model, ema, task, fsdp):
     """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
-    (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
+    (settings that only trade memory or speed, such as grad checkpointing, may differ); ema None
+    (the base of LoRA adapters): its EMA weights into model, the weights sample.py samples with."""
     ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True)
     memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
     arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
     if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
         fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
+    if ema is None:
+        return load_module(model, ck.get("ema"), fsdp, path)
     load_module(model, ck.get("model"), fsdp, path)
     load_module(ema, ck.get("ema"), fsdp, path)
 
@@ -485,7 +496,12 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     task = TASKS[cfg.task](cfg)
     model = task.model().to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg.lora_rank:  # the base frozen under trainable adapters; its EMA is of the adapters alone
+        start_from(cfg.init_from, model, None, task, False)
+        resumed = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True) if cfg.resume else None
+        ema, lora_record = lora.start_training(model, cfg, resumed)
+    else:
+        ema = copy.deepcopy(model).requires_grad_(False)
     if cfg.fsdp:
         shard((model, ema), dit.MMDiTBlock)
     decay, no_decay = [], []
@@ -502,26 +518,31 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
         ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True)
         config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path)
-        load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
-        load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
+        if not cfg.lora_rank:  # adapters: loaded above
+            load_module(model, ck.get("model"), cfg.fsdp, ckpt_path)
+            load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
         load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
         step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
         if not same_weights(ck.get("vae"), task.extra().get("vae")):
             fail(f"{ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                  f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
-    elif cfg.init_from and cfg.init_from != "none":
+    elif cfg.init_from and cfg.init_from != "none" and not cfg.lora_rank:
         start_from(cfg.init_from, model, ema, task, cfg.fsdp)
     net = nn.parallel.DistributedDataParallel(model) if ddp and not cfg.fsdp else model
     n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if master and not quiet:
-        print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
+        print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
+              f"trained), device {device}, "
               f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
 
     def checkpoint():
         # under FSDP every rank gathers
         weights = dict(model=module_state(model, cfg.fsdp), ema=module_state(ema, cfg.fsdp),
                        optimizer=optimizer_state(model, opt, cfg.fsdp))
+        if cfg.lora_rank:  # the adapters and which base they adapt
+            weights.update(model=lora.adapters(weights["model"]), ema=lora.adapters(weights["ema"]), lora=lora_record)
         if master:
             save_torch(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, **weights, config=dataclasses.asdict(cfg),
                                        step=step, loss_mean=loss_mean, history=history,
@@ -564,7 +585,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
             with torch.no_grad():
                 d = cfg.ema_decay if cfg.ema_decay > 0 else 0.0
                 for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
+                    if pm.requires_grad:  # a frozen base never moves
+                        pe.lerp_(pm, 1 - d)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
         opt.zero_grad(set_to_none=True)
