@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dit
-from common import fail, read_checkpoint, save_torch
+from common import fail, is_master, read_checkpoint, save_torch
 
 # attention projections (q, k, v and output) and MLPs of both streams of every MM-DiT block
 DEFAULT_MODULES = "qkv,proj,mlp"
@@ -103,6 +103,12 @@ def adapters(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".lora_" in k}
 
 
+def adapter_checkpoint(weights: dict, record: dict) -> dict:
+    """What an adapter checkpoint holds beside train.py's usual entries: the adapters of the model and
+    its EMA (their AdamW states are all the optimizer has), the base's record, and no VAE (the base's)."""
+    return dict(weights, model=adapters(weights["model"]), ema=adapters(weights["ema"]), lora=record, vae=None)
+
+
 def load_adapters(module: nn.Module, state: dict, path: str) -> None:
     """Adapter weights into a module that has exactly these adapters; one line otherwise."""
     missing = set(adapters(module.state_dict())) ^ set(state or {})
@@ -122,17 +128,24 @@ def check_base(record: dict, sha256: str, base: str, path: str) -> None:
              f"not {base} (sha256 {sha256[:12]}): give the base it was trained on")
 
 
-def start_training(model: nn.Module, cfg, resumed: dict | None):
+def start_training(model: nn.Module, cfg, ckpt_path: str):
     """train.py with --lora_rank: model (a VideoLoss holding the base's weights) gets adapters and
     a frozen base; its EMA shares the base's tensors (the EMA is of the adapters alone). Resuming,
-    `resumed` (the run's checkpoint) must be of the same base and gives the adapters back.
+    the run's checkpoint at ckpt_path must be of the same base and gives the adapters back.
     Returns (ema, record): record is what the checkpoint keeps of the base."""
+    resumed = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True) if cfg.resume else None
     record = dict(base=cfg.init_from, base_sha256=base_sha256(model.net),
                   rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, modules=cfg.lora_modules)
     if resumed is not None:
         check_base(resumed.get("lora") or {}, record["base_sha256"], cfg.init_from, "the run's checkpoint")
-    if add_lora(model.net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_modules) == 0:
+    n_base = sum(p.numel() for p in model.parameters())
+    n = add_lora(model.net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_modules)
+    if n == 0:
         fail(f"--lora_modules={cfg.lora_modules} names no Linear layer of the MM-DiT (e.g. qkv,proj,mlp,adaLN)")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if is_master():
+        print(f"LoRA: rank {cfg.lora_rank} adapters on {n} layers, {trained:,} trained parameters "
+              f"({100 * trained / n_base:.1f}% of the base's {n_base:,}, frozen: {cfg.init_from})")
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
     ema = copy.deepcopy(model, memo=frozen).requires_grad_(False)  # the base's tensors shared
     if resumed is not None:

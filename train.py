@@ -30,7 +30,6 @@ tokens [B, L, D].
 import contextlib
 import copy
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -130,9 +129,7 @@ class Video:
             dit.check_config(self.dit_cfg)
         except ValueError as e:
             fail(f"--model={cfg.model} with --width/--heads: {e}")
-        self.data = data.SOURCES[cfg.data]  # the name is checked: config.validate_settings
-        if cfg.colours:  # shapes in these colours, e.g. cyan, which the quick start never saw
-            self.data = functools.partial(data.shapes_batch, colours=data.colour_list(cfg.colours))
+        self.data = data.source(cfg.data, cfg.colours)  # the names are checked: validate
         s = self.vae.cfg.spatial_factor if self.vae else 1
         if cfg.size % s:
             fail(f"--size={cfg.size} must be a multiple of {s}, the VAE's spatial factor")
@@ -453,15 +450,12 @@ def train_vae_first(cfg, quiet=False):
 
 def start_from(path, model, ema, task, fsdp):
     """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
-    (settings that only trade memory or speed, such as grad checkpointing, may differ); ema None
-    (the base of LoRA adapters): its EMA weights into model, the weights sample.py samples with."""
+    (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
     ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True)
     memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
     arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
     if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
         fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
-    if ema is None:
-        return load_module(model, ck.get("ema"), fsdp, path)
     load_module(model, ck.get("model"), fsdp, path)
     load_module(ema, ck.get("ema"), fsdp, path)
 
@@ -496,10 +490,9 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     task = TASKS[cfg.task](cfg)
     model = task.model().to(device)
-    if cfg.lora_rank:  # the base frozen under trainable adapters; its EMA is of the adapters alone
-        start_from(cfg.init_from, model, None, task, False)
-        resumed = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True) if cfg.resume else None
-        ema, lora_record = lora.start_training(model, cfg, resumed)
+    if cfg.lora_rank:  # the base's EMA weights (loaded last) frozen under adapters, the EMA of those alone
+        start_from(cfg.init_from, model, model, task, False)
+        ema, lora_record = lora.start_training(model, cfg, ckpt_path)
     else:
         ema = copy.deepcopy(model).requires_grad_(False)
     if cfg.fsdp:
@@ -523,7 +516,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
             load_module(ema, ck.get("ema"), cfg.fsdp, ckpt_path)
         load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
         step, loss_mean, history = ck["step"], ck["loss_mean"], ck["history"]
-        if not same_weights(ck.get("vae"), task.extra().get("vae")):
+        if not cfg.lora_rank and not same_weights(ck.get("vae"), task.extra().get("vae")):
             fail(f"{ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                  f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
@@ -531,10 +524,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         start_from(cfg.init_from, model, ema, task, cfg.fsdp)
     net = nn.parallel.DistributedDataParallel(model) if ddp and not cfg.fsdp else model
     n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if master and not quiet:
-        print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M "
-              f"trained), device {device}, "
+        print(f"preset {cfg.preset}: task {cfg.task}, {n_params / 1e6:.2f}M parameters, device {device}, "
               f"{world} process(es), global batch {cfg.batch_size * cfg.grad_accum * world}")
 
     def checkpoint():
@@ -542,11 +533,11 @@ def train_locked(cfg, quiet, interrupts, on_step=None):
         weights = dict(model=module_state(model, cfg.fsdp), ema=module_state(ema, cfg.fsdp),
                        optimizer=optimizer_state(model, opt, cfg.fsdp))
         if cfg.lora_rank:  # the adapters and which base they adapt
-            weights.update(model=lora.adapters(weights["model"]), ema=lora.adapters(weights["ema"]), lora=lora_record)
+            weights = lora.adapter_checkpoint(weights, lora_record)
         if master:
-            save_torch(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, **weights, config=dataclasses.asdict(cfg),
+            save_torch(ckpt_path, dict(kind="pyramid-flow", task=cfg.task, config=dataclasses.asdict(cfg),
                                        step=step, loss_mean=loss_mean, history=history,
-                                       rng=dict(torch=torch.get_rng_state()), **task.extra()))
+                                       rng=dict(torch=torch.get_rng_state()), **(task.extra() | weights)))
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
     t0 = time.time()

@@ -23,6 +23,7 @@ pixels, so each frame shows the same sprite shifted and the object area never ch
 Tensor legend: video [B, C, T, H, W] with C = 3 (RGB) and T = frames, values in [-1, 1]
 (-1 = black). Digits are grey, replicated to 3 channels so every model sees RGB.
 """
+import functools
 import math
 import re
 from functools import lru_cache
@@ -250,3 +251,8 @@ def digits_batch(batch_size, frames=8, size=32, generator=None, split="train", c
 
 # --data of the toy presets (config.TOY_DATA)
 SOURCES = {"shapes": shapes_batch, "digits": digits_batch}
+
+
+def source(name, colours=""):
+    """The clip maker of --data=name; colours (comma-separated, train.py's --colours) picks the shapes'."""
+    return functools.partial(shapes_batch, colours=colour_list(colours)) if colours else SOURCES[name]
