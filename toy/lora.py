@@ -5,7 +5,8 @@ fine-tuning of all weights beside it (issue 28).
 
     python toy/lora.py --ckpt=out/tiny/ckpt.pt [--out_dir=out/lora] [--steps=300] [--rank=4] [--full=true]
 
-Data: clips of the 12 cyan captions (`--colours=cyan` of the shapes data, toy/data.py). The shipped
+Data: clips of the 12 cyan captions (`--colours=cyan` of the shapes data, toy/data.py) and, with
+--replay=N (default 1), N clips of each of the 48 known captions, as many as the cyan ones. The shipped
 toy VAE never saw cyan either: its encoder maps a cyan object to yellow-green, but its decoder can
 draw cyan. So the latents of the cyan clips are found by inverting the decoder (Adam on the latent,
 from the encoder's, against the clip; `--invert_steps`), once, and kept in out_dir/cyan_pool.pt:
@@ -35,8 +36,8 @@ import train  # noqa: E402
 from common import key_values, load_vae, read_checkpoint, save_torch, tile, write_video  # noqa: E402
 from toy import data, evaluate  # noqa: E402
 
-OPTIONS = dict(ckpt=os.path.join("out", "tiny", "ckpt.pt"), out_dir=os.path.join("out", "lora"), steps=300,
-               rank=4, lr=2e-3, full_lr=3e-4, clips=1, invert_steps=100, seeds=4, full=True, picture=True)
+OPTIONS = dict(ckpt=os.path.join("out", "tiny", "ckpt.pt"), out_dir=os.path.join("out", "lora"), steps=500,
+               rank=8, lr=3e-3, full_lr=5e-4, clips=1, invert_steps=100, replay=1, seeds=4, full=True, picture=True)
 KEYS = ("colour", "shape", "direction")
 
 
@@ -116,11 +117,22 @@ def main(argv):
         save_torch(pool_path, dict(latents=z, captions=captions, decoded_scores={k: rec[k] for k in KEYS}))
         print(f"cyan data set: {len(captions)} clips, decoder inverted in {time.time() - t0:.0f}s; their decoded "
               f"latents score " + ", ".join(f"{k} {rec[k]:.2f}" for k in KEYS), flush=True)
-    n_pool = len(torch.load(pool_path, weights_only=True)["captions"])
-    prep = time.time() - t0
+    prep, cyan_path = time.time() - t0, pool_path
+    pool = torch.load(pool_path, weights_only=True)
+    if o["replay"]:  # clips of the 48 known captions beside the cyan ones, half and half
+        known = data.SHAPE_CAPTIONS * o["replay"]
+        video, _ = data.shapes_batch(len(known), base_cfg.frames, base_cfg.size, generator=1, captions=known)
+        with torch.no_grad():
+            known_latents = vae.normalize(vae.encode(video))
+        times = max(1, len(known) // len(pool["captions"]))
+        pool = dict(latents=torch.cat([pool["latents"].repeat(times, 1, 1, 1, 1), known_latents]),
+                    captions=pool["captions"] * times + known)
+    pool_path = os.path.join(o["out_dir"], "pool.pt")
+    save_torch(pool_path, pool)
+    n_pool = len(pool["captions"])
 
     common = dict(init_from=o["ckpt"], max_steps=o["steps"], warmup_steps=min(20, o["steps"]), lr_decay="cosine",
-                  data_pool=n_pool, colours="cyan", eval_captions=0, overwrite=True, resume=False, log_every=50,
+                  data_pool=n_pool, colours=",".join(data.ALL_COLOURS if o["replay"] else ["cyan"]), eval_captions=0, overwrite=True, resume=False, log_every=50,
                   save_every=0, phase=0)
     runs = dict(lora=dict(common, lr=o["lr"], lora_rank=o["rank"], out_dir=os.path.join(o["out_dir"], "lora")))
     if o["full"]:
@@ -159,7 +171,7 @@ def main(argv):
               + (", fully fine-tuned" if o["full"] else "") + " (rows)")
     print(f"base {o['ckpt']}: {n_base:,} parameters; cyan x1 seed: " + ", ".join(f"{k} {before[k]:.2f}" for k in KEYS)
           + "; the 48 original captions: " + ", ".join(f"{k} {before_old[k]:.2f}" for k in KEYS))
-    print(f"data preparation (decoder inversion, once, in {pool_path}): {prep:.0f}s; {os.cpu_count()} CPUs, "
+    print(f"data preparation (decoder inversion, once, in {cyan_path}): {prep:.0f}s; {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads; the whole script {time.time() - t_start:.0f}s")
     for name, (took, trained, size, cyan, old) in rows.items():
         print(f"{name}: {took['seconds']:.0f}s for {o['steps']} steps, peak memory {took['peak_mb']:.0f} MB, "
