@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+import torch
 import torch.distributed as dist
 
 from common import fail, load_module, load_optimizer, module_state, optimizer_state, read_checkpoint, save_torch
@@ -127,6 +128,24 @@ def consolidate(path, out):
     full = {k: v for k, v in index.items() if k != "sharded"}
     save_torch(out, dict(full, model=states["model"], ema=states["ema"], optimizer=None))
     return out
+
+
+def start_from(path, model, ema, task, fsdp):
+    """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
+    (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
+    ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True, sharded=True)
+    memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
+    arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
+    if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
+        fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
+    load(path, ck, model, ema, None, fsdp)
+
+
+def same_weights(a, b):
+    """Two state dicts (or None) hold the same tensors."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def main(argv):

@@ -409,13 +409,6 @@ def is_spike(loss, running_mean, factor):
     return factor > 0 and running_mean is not None and running_mean > 0 and loss > factor * running_mean
 
 
-def same_weights(a, b):
-    """Two state dicts (or None) hold the same tensors."""
-    if a is None or b is None:
-        return a is None and b is None
-    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
-
-
 def train_vae_first(cfg, quiet=False):
     """Phase 1 of a latent video preset (vae_steps > 0), config.vae_phase's run. A vae.pt already
     there is reused if it was trained the same way (or the run resumes: the checkpoint was trained
@@ -437,17 +430,6 @@ def train_vae_first(cfg, quiet=False):
         train(dataclasses.replace(vae_cfg, resume=resume), quiet)
     # no video checkpoint yet: it starts
     return dataclasses.replace(cfg, vae_ckpt=vae_path, resume=False)
-
-
-def start_from(path, model, ema, task, fsdp):
-    """--init_from: the weights and EMA of another run's checkpoint (a previous phase), same network
-    (settings that only trade memory or speed, such as grad checkpointing, may differ)."""
-    ck = read_checkpoint(path, "pyramid-flow", "checkpoint", " (--init_from)", mmap=True, sharded=True)
-    memory_only = ("grad_checkpointing", "manual_attention", "per_frame_attention")
-    arch = lambda c: {k: v for k, v in (c or {}).items() if k not in memory_only}  # noqa: E731
-    if ck.get("task") != task.cfg.task or arch(ck.get("dit_config")) != arch(task.extra().get("dit_config")):
-        fail(f"--init_from={path} is not a {task.cfg.task} checkpoint of this network ({ck.get('dit_config')})")
-    checkpoint.load(path, ck, model, ema, None, fsdp)
 
 
 def train(cfg, quiet=False, on_step=None):
@@ -484,7 +466,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
     task.cfg = cfg
     if cfg.lora_rank:  # the base's EMA weights (loaded last) frozen under adapters, the EMA of those alone
         model = task.model().to(device)
-        start_from(cfg.init_from, model, model, task, False)
+        checkpoint.start_from(cfg.init_from, model, model, task, False)
         ema, lora_record = lora.start_training(model, cfg, ckpt_path)
         if cfg.fsdp:
             shard((model, ema), dit.MMDiTBlock, bf16=torch.device(device).type == "cuda")
@@ -512,12 +494,12 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
         else:
             checkpoint.load(ckpt_path, ck, model, ema, opt, cfg.fsdp)
         step, loss_mean, history, data_at = ck["step"], ck["loss_mean"], ck["history"], ck.get("data")
-        if not cfg.lora_rank and not same_weights(ck.get("vae"), task.extra().get("vae")):
+        if not cfg.lora_rank and not checkpoint.same_weights(ck.get("vae"), task.extra().get("vae")):
             fail(f"{ckpt_path} was trained on another VAE than {cfg.vae_ckpt or 'none'}; "
                  f"resume with the VAE it was trained on")
         torch.set_rng_state(ck["rng"]["torch"])
     elif cfg.init_from and cfg.init_from != "none" and not cfg.lora_rank:
-        start_from(cfg.init_from, model, ema, task, cfg.fsdp)
+        checkpoint.start_from(cfg.init_from, model, ema, task, cfg.fsdp)
     if hasattr(task, "start_data"):  # the data stream continues where the checkpoint was
         task.start_data(rank, world, data_at, device)
         data_at = task.stream.position()
