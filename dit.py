@@ -141,6 +141,17 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
     return pad & (queries[:, None] >= frame_of_token[None, :])  # [B, 1, S or N, S]
 
 
+@dataclass
+class Packing:
+    """Groups of sequences (each [b_g, S_g]: its own text length, frames and mask) packed as one
+    sequence [1, S] ordered [text of all groups | video of all groups], so a training step with one
+    group per stage makes one pass of the network (MMDiT.packed). order [S]: the group-major order
+    (each sequence's [text | video] in turn); inverse: back; groups: (b_g, S_g, mask, block_ends)."""
+    order: torch.Tensor
+    inverse: torch.Tensor
+    groups: list
+
+
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
     """Masked attention of q, k, v [B, H, S, head_dim]; mask broadcastable to [B, H, S, S], True = keep.
 
@@ -150,7 +161,18 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     split into query blocks ending at these indices; block [start, end) attends to keys [0, end),
     its own and all earlier frames. mask is then only the key padding [B, 1, 1, S]. The masked-out
     scores are never computed, and no S x S mask exists.
+    mask may be a Packing (several groups of sequences in one, B = 1): the block-diagonal mask, its
+    off-diagonal blocks never computed: each group's sequences [b, S_g] attend within themselves.
     """
+    if isinstance(mask, Packing):
+        q, k, v = (x[:, :, mask.order] for x in (q, k, v))  # [1, H, S, head_dim], group by group
+        outs, start = [], 0
+        for b, n, group_mask, ends in mask.groups:
+            # 3 x [b, H, n, head_dim]
+            qkv = [rearrange(x[:, :, start:start + b * n], "1 h (b n) d -> b h n d", b=b) for x in (q, k, v)]
+            outs.append(rearrange(attention(*qkv, group_mask, manual, ends), "b h n d -> 1 h (b n) d"))
+            start += b * n
+        return torch.cat(outs, dim=2)[:, :, mask.inverse]                     # [1, H, S, head_dim]
     if block_ends is not None:
         starts = [0] + block_ends[:-1]
         return torch.cat([attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], mask[..., :e], manual)
@@ -248,17 +270,17 @@ class MMDiTBlock(nn.Module):
         if not last:
             self.txt_proj, self.txt_norm2, self.txt_mlp = nn.Linear(D, D), norm(), Mlp(D, hidden)
 
-    def forward(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends=None, cache=None):
-        """img [B, N, D]; txt [B, L, D]; img_vec [B, 2, D] conditioning of (history, noisy) tokens;
-        img_is_noisy [N] long picks a row of img_vec per token; txt_vec [B, D]; rope [S, head_dim/2];
-        mask and block_ends as in attention(); cache: a KVCache being filled or to attend to."""
+    def forward(self, img, txt, vec, img_rows, txt_rows, rope, mask, block_ends=None, cache=None):
+        """img [B, N, D]; txt [B, L, D]; vec [B, V, D] conditioning vectors, of which img_rows [N] and
+        txt_rows [L] (long) pick one per token; rope [S, head_dim/2]; mask and block_ends as in
+        attention(); cache: a KVCache being filled or to attend to."""
         L, heads = txt.shape[1], self.cfg.heads
-        # per-token modulation: history tokens read row 0 (clean time), noisy tokens row 1
+        # per-token modulation, e.g. history tokens read row 0 (clean time), noisy tokens row 1
         # 6 x [B, N, D]
-        img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)
+        img_mods = self.img_adaLN_modulation(vec)[:, img_rows].chunk(6, dim=-1)
         n_txt_mods = 2 if self.last else 6
-        # [B, 1, D] each; no text tokens (cached steps): skip the weights' read
-        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L
+        # [B, L, D] each; no text tokens (cached steps): skip the weights' read
+        txt_mods = (self.txt_adaLN_modulation(vec)[:, txt_rows].chunk(n_txt_mods, dim=-1) if L
                     else [txt] * n_txt_mods)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
@@ -419,9 +441,9 @@ class MMDiT(nn.Module):
         block_ends = [L + n for n in accumulate(tokens_per_frame)] if per_frame else None
         return rope_angles(frame_of_token, cfg.width // cfg.heads, cfg.rope_theta), mask, block_ends
 
-    def run_blocks(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache=None):
+    def run_blocks(self, img, txt, vec, img_rows, txt_rows, rope, mask, block_ends, cache=None):
         for block in self.blocks:
-            args = (img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache)
+            args = (img, txt, vec, img_rows, txt_rows, rope, mask, block_ends, cache)
             if self.cfg.grad_checkpointing and self.training:
                 img, txt = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -442,29 +464,65 @@ class MMDiT(nn.Module):
         self.check_frames(frames, all_frames)
         if cache is not None:
             return self.cached_forward(frames, t, grid, cache)
-        T, L, p = len(frames), text.shape[1], self.cfg.patch_size
-        H, W = (s // p for s in frames[-1].shape[-2:])                    # current token grid
-        img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
-        txt = self.context_embedder(text)                                      # [B, L, D]
+        x = self.prepare(frames, text, text_mask, pooled, t, all_frames, grid)
+        rope, mask, block_ends = self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], text.shape[1])
+        img = self.run_blocks(x["img"], x["txt"], x["vecs"], x["img_rows"], x["txt_rows"], rope, mask, block_ends)
+        return self.velocity(img, x)
 
+    def packed(self, groups):
+        """forward (no cache) of several groups, dicts of its arguments, each with its own batch, text
+        and frames, in one pass of the network: their sequences packed into one [1, S] (a Packing),
+        so every per-token operation runs once on all tokens. Returns the list of their outputs."""
+        for g in groups:
+            self.check_frames(g["frames"], g.get("all_frames", False))
+        xs = [self.prepare(g["frames"], g["text"], g["text_mask"], g["pooled"], g["t"], g.get("all_frames", False),
+                           g.get("grid")) for g in groups]
+        D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
+        # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
+        txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
+        L_all, ids = txt.shape[1], torch.arange(txt.shape[1] + img.shape[1], device=img.device)
+        # each sequence's [text | video] in turn, group by group
+        order = torch.cat([torch.cat([t.view(b, L), v.view(b, N)], 1).flatten() for t, v, (b, L, N) in zip(
+            ids[:L_all].split([b * L for b, L, _ in sizes]), ids[L_all:].split([b * N for b, _, N in sizes]), sizes)])
+        layouts = [(b, L + N, *self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], L)[1:])
+                   for x, (b, L, N) in zip(xs, sizes)]
+        frame_of_token = torch.cat([ids[:L_all] * 0] + [x["frame_ids"].repeat(b) for x, (b, _, _) in zip(xs, sizes)])
+        rope = rope_angles(frame_of_token, D // self.cfg.heads, self.cfg.rope_theta)       # [S, head_dim/2]
+        # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
+        first = accumulate([0] + [2 * b for b, _, _ in sizes])
+        clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]
+        img_rows, txt_rows = (torch.cat([(r + x[key]).flatten() for r, x in zip(clip_rows, xs)])
+                              for key in ("img_rows", "txt_rows"))                         # [N_all], [L_all]
+        packing = Packing(order, torch.argsort(order), layouts)
+        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, rope, packing, None)
+        ends = accumulate(b * N for b, _, N in sizes)
+        return [self.velocity(img[0, e - b * N:e].view(b, N, D), x) for x, e, (b, _, N) in zip(xs, ends, sizes)]
+
+    def prepare(self, frames, text, text_mask, pooled, t, all_frames, grid):
+        """The inputs of the blocks for one call: tokens, conditioning, and what layout() needs."""
+        T = len(frames)
+        img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
         # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is
         # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
         vec, vec_history = self.conditioning(pooled, t)
-        img_vec = torch.stack([vec_history, vec], dim=1)                       # [B, 2, D]
-        # [N]
-        img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()
-        txt_vec = vec if (T == 1 or all_frames) else vec_history
-
         video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=img.device)
-        key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)          # [B, S]
-        rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
-        img = self.run_blocks(img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends)
+        return dict(img=img, txt=self.context_embedder(text),                 # [B, N, D], [B, L, D]
+                    vecs=torch.stack([vec_history, vec], dim=1),               # [B, 2, D]
+                    # [N], [L]: 1 = noisy (row 1 of vecs); the text takes frame 0's
+                    img_rows=torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long(),
+                    txt_rows=frame_ids.new_full(text.shape[1:2], int(T == 1 or all_frames)),
+                    key_valid=torch.cat([text_mask.bool(), video_valid], dim=1),  # [B, S]
+                    frame_ids=frame_ids, tokens_per_frame=tokens_per_frame, vec=vec, all_frames=all_frames,
+                    shape=(T, *(s // self.cfg.patch_size for s in frames[-1].shape[-2:])))
 
+    def velocity(self, img, x):
+        """Tokens [B, N, D] after the blocks -> the velocity of the current frame (or all frames)."""
+        (T, H, W), p = x["shape"], self.cfg.patch_size
         # every frame is noisy
-        if all_frames:
-            out = self.final_layer(img, vec)                                   # [B, T*H*W, p*p*C]
+        if x["all_frames"]:
+            out = self.final_layer(img, x["vec"])                              # [B, T*H*W, p*p*C]
             return rearrange(out, "b (t h w) (c p1 p2) -> b c t (h p1) (w p2)", t=T, h=H, w=W, p1=p, p2=p)
-        out = self.final_layer(img[:, -H * W:], vec)  # [B, H*W, p*p*C], current frame
+        out = self.final_layer(img[:, -H * W:], x["vec"])  # [B, H*W, p*p*C], current frame
         # [B, C, h, w]
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)
 
@@ -501,7 +559,7 @@ class MMDiT(nn.Module):
             key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)      # [B, P]
             rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
             self.run_blocks(img, self.context_embedder(text), vec_clean[:, None], torch.zeros_like(frame_ids),
-                            vec_clean, rope, mask, block_ends, cache)
+                            frame_ids.new_zeros(L), rope, mask, block_ends, cache)
             cache.key_valid, cache.frames = key_valid, len(history)
             cache.frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=device), frame_ids])
         cache.filling = False
@@ -522,7 +580,8 @@ class MMDiT(nn.Module):
             cache.key_valid, cache.frame_of_token, cache.frames = key_valid, key_frames, cache.frames + len(frames)
         # the text is in the cache
         txt = img.new_zeros(B, 0, D)
-        return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
+        rows = torch.zeros_like(frame_ids)                                     # [N]: vec
+        return self.run_blocks(img, txt, vec[:, None], rows, rows[:0], rope, mask, None, cache)
 
     def cached_forward(self, frames, t, grid, cache):
         """forward for the current frame alone, its queries over [cached text and history | own] keys."""
@@ -628,6 +687,13 @@ class TextToVideo(nn.Module):
             return self.dit(frames, None, None, None, t, grid=grid, cache=cache)
         text, mask, pooled = self.encode_text(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
+
+    def packed(self, groups):
+        """forward of several groups (dicts of frames, captions, t, all_frames, grid) in one pass of
+        the network (MMDiT.packed): a list of their outputs."""
+        groups = [dict(g, **dict(zip(("text", "text_mask", "pooled"), self.encode_text(g["captions"]))))
+                  for g in groups]
+        return self.dit.packed(groups)
 
     def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None,
                all_frames: bool = False):
