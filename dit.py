@@ -143,12 +143,11 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
 
 @dataclass
 class Packing:
-    """Groups of sequences (each [b_g, S_g]: its own text length, frames and mask) packed as one
-    sequence [1, S] ordered [text of all groups | video of all groups], so a training step with one
-    group per stage makes one pass of the network (MMDiT.packed). order [S]: the group-major order
-    (each sequence's [text | video] in turn); inverse: back; groups: (b_g, S_g, mask, block_ends)."""
-    order: torch.Tensor
-    inverse: torch.Tensor
+    """Groups of sequences, each [b_g, L_g + N_g] with its own text length, frames and mask, packed
+    as one sequence [1, S] = [text of every sequence | video of every sequence], group by group,
+    so that a training step with one group per stage makes one pass of the network (MMDiT.packed).
+    text: L_all = sum b_g L_g; groups: (b_g, L_g, N_g, mask, block_ends) each."""
+    text: int
     groups: list
 
 
@@ -165,14 +164,17 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     off-diagonal blocks never computed: each group's sequences [b, S_g] attend within themselves.
     """
     if isinstance(mask, Packing):
-        q, k, v = (x[:, :, mask.order] for x in (q, k, v))  # [1, H, S, head_dim], group by group
-        outs, start = [], 0
-        for b, n, group_mask, ends in mask.groups:
-            # 3 x [b, H, n, head_dim]
-            qkv = [rearrange(x[:, :, start:start + b * n], "1 h (b n) d -> b h n d", b=b) for x in (q, k, v)]
-            outs.append(rearrange(attention(*qkv, group_mask, manual, ends), "b h n d -> 1 h (b n) d"))
-            start += b * n
-        return torch.cat(outs, dim=2)[:, :, mask.inverse]                     # [1, H, S, head_dim]
+        text, video, t0, v0 = [], [], 0, mask.text
+        for b, L, N, group_mask, ends in mask.groups:
+            # 3 x [b, H, L + N, head_dim]: the group's sequences, each [text | video]
+            qkv = [torch.cat([rearrange(x[:, :, t0:t0 + b * L], "1 h (b l) d -> b h l d", b=b),
+                              rearrange(x[:, :, v0:v0 + b * N], "1 h (b n) d -> b h n d", b=b)], dim=2)
+                   for x in (q, k, v)]
+            out = attention(*qkv, group_mask, manual, ends)                    # [b, H, L + N, head_dim]
+            text.append(rearrange(out[:, :, :L], "b h l d -> 1 h (b l) d"))
+            video.append(rearrange(out[:, :, L:], "b h n d -> 1 h (b n) d"))
+            t0, v0 = t0 + b * L, v0 + b * N
+        return torch.cat(text + video, dim=2)                                  # [1, H, S, head_dim]
     if block_ends is not None:
         starts = [0] + block_ends[:-1]
         return torch.cat([attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], mask[..., :e], manual)
@@ -277,10 +279,10 @@ class MMDiTBlock(nn.Module):
         L, heads = txt.shape[1], self.cfg.heads
         # per-token modulation, e.g. history tokens read row 0 (clean time), noisy tokens row 1
         # 6 x [B, N, D]
-        img_mods = self.img_adaLN_modulation(vec)[:, img_rows].chunk(6, dim=-1)
+        img_mods = self.img_adaLN_modulation(vec).index_select(1, img_rows).chunk(6, dim=-1)
         n_txt_mods = 2 if self.last else 6
         # [B, L, D] each; no text tokens (cached steps): skip the weights' read
-        txt_mods = (self.txt_adaLN_modulation(vec)[:, txt_rows].chunk(n_txt_mods, dim=-1) if L
+        txt_mods = (self.txt_adaLN_modulation(vec).index_select(1, txt_rows).chunk(n_txt_mods, dim=-1) if L
                     else [txt] * n_txt_mods)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
@@ -480,21 +482,17 @@ class MMDiT(nn.Module):
         D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
         # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
         txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
-        L_all, ids = txt.shape[1], torch.arange(txt.shape[1] + img.shape[1], device=img.device)
-        # each sequence's [text | video] in turn, group by group
-        order = torch.cat([torch.cat([t.view(b, L), v.view(b, N)], 1).flatten() for t, v, (b, L, N) in zip(
-            ids[:L_all].split([b * L for b, L, _ in sizes]), ids[L_all:].split([b * N for b, _, N in sizes]), sizes)])
-        layouts = [(b, L + N, *self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], L)[1:])
+        layouts = [(b, L, N, *self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], L)[1:])
                    for x, (b, L, N) in zip(xs, sizes)]
-        frame_of_token = torch.cat([ids[:L_all] * 0] + [x["frame_ids"].repeat(b) for x, (b, _, _) in zip(xs, sizes)])
+        frame_of_token = torch.cat([xs[0]["frame_ids"].new_zeros(txt.shape[1])]
+                                   + [x["frame_ids"].repeat(b) for x, (b, _, _) in zip(xs, sizes)])  # [S]
         rope = rope_angles(frame_of_token, D // self.cfg.heads, self.cfg.rope_theta)       # [S, head_dim/2]
         # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
         first = accumulate([0] + [2 * b for b, _, _ in sizes])
         clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]
         img_rows, txt_rows = (torch.cat([(r + x[key]).flatten() for r, x in zip(clip_rows, xs)])
                               for key in ("img_rows", "txt_rows"))                         # [N_all], [L_all]
-        packing = Packing(order, torch.argsort(order), layouts)
-        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, rope, packing, None)
+        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, rope, Packing(txt.shape[1], layouts), None)
         ends = accumulate(b * N for b, _, N in sizes)
         return [self.velocity(img[0, e - b * N:e].view(b, N, D), x) for x, e, (b, _, N) in zip(xs, ends, sizes)]
 
