@@ -145,6 +145,25 @@ def frame_constancy(videos):
                 shape_kept=float((shape == shape[:, :1]).all(1).mean()))
 
 
+def identity_change(videos):
+    """Share of videos whose object changes identity: the colour or shape of the first frame in
+    which the object is whole (its blob clear of the frame's edge, evaluate.blob_tracks) against
+    the last such frame, each frame classified on its own; videos with fewer than two whole frames
+    are left out (NaN if none has two). Frames the object enters or leaves through the edge would
+    otherwise count the scorer's flicker on a cut blob as a change."""
+    B, _, T = videos.shape[:3]
+    whole = evaluate.blob_tracks(videos)["border"].numpy() > 0                  # [B, T]
+    frames = videos.transpose(1, 2).flatten(0, 1)[:, :, None]             # [B T, 3, 1, H, W]
+    preds = evaluate.classify_shapes(frames)
+    ids = np.array([(p["colour"], p["shape"]) for p in preds], dtype=object).reshape(B, T, 2)
+    changes = []
+    for b in range(B):
+        seen = np.flatnonzero(whole[b])
+        if len(seen) >= 2:
+            changes.append(tuple(ids[b, seen[0]]) != tuple(ids[b, seen[-1]]))
+    return float(np.mean(changes)) if changes else float("nan")
+
+
 def real_clips(captions, frames, size):
     """One real clip per caption (the reference of the Frechet distance), always the same ones."""
     return data.shapes_batch(len(captions), frames=frames, size=size, generator=0, captions=captions)[0]
@@ -163,8 +182,8 @@ def sample_and_score(net, cfg, vae, captions, seeds, score_fn=score, **kw):
     settings unless kw says otherwise), the videos of the first seed, the sampling seconds per seed."""
     runs, videos, t0 = [], None, time.perf_counter()
     for seed in seeds:
-        v = sample.generate(net, captions, dataclasses.asdict(cfg), cfg.frames, vae=vae, seed=seed, progress=False,
-                            **kw)
+        v = sample.generate(net, captions, dataclasses.asdict(cfg), kw.get("frames", cfg.frames), vae=vae,
+                            seed=seed, progress=False, **{k: v for k, v in kw.items() if k != "frames"})
         runs.append(score_fn(v, captions))
         videos = v if videos is None else videos
     seconds = (time.perf_counter() - t0) / len(seeds)
