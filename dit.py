@@ -463,27 +463,22 @@ class MMDiT(nn.Module):
         cache: a KVCache of the text and history frames (make_cache); frames is then [current]
         alone and text, text_mask, pooled are not read (the cache holds what they give). Same
         result as passing them, at a fraction of the cost."""
-        self.check_frames(frames, all_frames)
         if cache is not None:
+            self.check_frames(frames, all_frames)
             return self.cached_forward(frames, t, grid, cache)
         x = self.prepare(frames, text, text_mask, pooled, t, all_frames, grid)
-        rope, mask, block_ends = self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], text.shape[1])
-        img = self.run_blocks(x["img"], x["txt"], x["vecs"], x["img_rows"], x["txt_rows"], rope, mask, block_ends)
+        img = self.run_blocks(x["img"], x["txt"], x["vecs"], x["img_rows"], x["txt_rows"], *x["layout"])
         return self.velocity(img, x)
 
     def packed(self, groups):
         """forward (no cache) of several groups, dicts of its arguments, each with its own batch, text
         and frames, in one pass of the network: their sequences packed into one [1, S] (a Packing),
         so every per-token operation runs once on all tokens. Returns the list of their outputs."""
-        for g in groups:
-            self.check_frames(g["frames"], g.get("all_frames", False))
-        xs = [self.prepare(g["frames"], g["text"], g["text_mask"], g["pooled"], g["t"], g.get("all_frames", False),
-                           g.get("grid")) for g in groups]
+        xs = [self.prepare(**g) for g in groups]
         D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
         # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
         txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
-        layouts = [(b, L, N, *self.layout(x["frame_ids"], x["key_valid"], x["tokens_per_frame"], L)[1:])
-                   for x, (b, L, N) in zip(xs, sizes)]
+        layouts = [(b, L, N, *x["layout"][1:]) for x, (b, L, N) in zip(xs, sizes)]
         frame_of_token = torch.cat([xs[0]["frame_ids"].new_zeros(txt.shape[1])]
                                    + [x["frame_ids"].repeat(b) for x, (b, _, _) in zip(xs, sizes)])  # [S]
         rope = rope_angles(frame_of_token, D // self.cfg.heads, self.cfg.rope_theta)       # [S, head_dim/2]
@@ -496,21 +491,23 @@ class MMDiT(nn.Module):
         ends = accumulate(b * N for b, _, N in sizes)
         return [self.velocity(img[0, e - b * N:e].view(b, N, D), x) for x, e, (b, _, N) in zip(xs, ends, sizes)]
 
-    def prepare(self, frames, text, text_mask, pooled, t, all_frames, grid):
-        """The inputs of the blocks for one call: tokens, conditioning, and what layout() needs."""
+    def prepare(self, frames, text, text_mask, pooled, t, all_frames=False, grid=None):
+        """The inputs of the blocks for one call of forward: tokens, conditioning, layout()."""
+        self.check_frames(frames, all_frames)
         T = len(frames)
         img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
         # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is
         # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
         vec, vec_history = self.conditioning(pooled, t)
         video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=img.device)
+        key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)          # [B, S]
         return dict(img=img, txt=self.context_embedder(text),                 # [B, N, D], [B, L, D]
                     vecs=torch.stack([vec_history, vec], dim=1),               # [B, 2, D]
                     # [N], [L]: 1 = noisy (row 1 of vecs); the text takes frame 0's
                     img_rows=torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long(),
                     txt_rows=frame_ids.new_full(text.shape[1:2], int(T == 1 or all_frames)),
-                    key_valid=torch.cat([text_mask.bool(), video_valid], dim=1),  # [B, S]
-                    frame_ids=frame_ids, tokens_per_frame=tokens_per_frame, vec=vec, all_frames=all_frames,
+                    layout=self.layout(frame_ids, key_valid, tokens_per_frame, text.shape[1]),  # rope, mask, ends
+                    frame_ids=frame_ids, vec=vec, all_frames=all_frames,
                     shape=(T, *(s // self.cfg.patch_size for s in frames[-1].shape[-2:])))
 
     def velocity(self, img, x):
@@ -689,8 +686,8 @@ class TextToVideo(nn.Module):
     def packed(self, groups):
         """forward of several groups (dicts of frames, captions, t, all_frames, grid) in one pass of
         the network (MMDiT.packed): a list of their outputs."""
-        groups = [dict(g, **dict(zip(("text", "text_mask", "pooled"), self.encode_text(g["captions"]))))
-                  for g in groups]
+        groups = [dict({k: v for k, v in g.items() if k != "captions"},
+                       **dict(zip(("text", "text_mask", "pooled"), self.encode_text(g["captions"])))) for g in groups]
         return self.dit.packed(groups)
 
     def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None,
