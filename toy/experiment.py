@@ -213,12 +213,12 @@ def train_and_evaluate(cfg, every, evaluate_fn, quiet=False, pause=None):
         curve["steps"].append(step)
         curve["seconds"].append(trained)
         curve["flops"].append(step * flops_a_step)
+        if not quiet:
+            print(f"  {cfg.out_dir}, step {step}: {trained:.0f} s of training, " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in curve["scores"][-1].items()), flush=True)
         if pause is not None and step != cfg.max_steps:
             pause()
         clock["evaluating"] += time.perf_counter() - now
-        if not quiet:
-            print(f"  step {step}: {trained:.0f} s of training, " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in curve["scores"][-1].items()), flush=True)
 
     # the experiment scores, not train's report
     cfg = dataclasses.replace(cfg, eval_captions=0, overwrite=True)
