@@ -98,3 +98,15 @@ def test_video_loss_and_gradients_equal_the_per_group_calls():
     for p, g in zip(net.parameters(), packed_grads):
         assert (p.grad - g).abs().max() < TOL * max(1.0, p.grad.abs().max().item())
     assert set(logs) == {"loss_k0", "loss_k1", "loss_k2"}
+
+
+def test_packed_pass_under_gradient_checkpointing():
+    outs, grads = [], []
+    for ckpt in (False, True):
+        net = model(grad_checkpointing=ckpt).train()
+        out = net.packed(groups())
+        sum(o.square().mean() for o in out).backward()
+        outs.append(out)
+        grads.append([p.grad for p in net.parameters()])
+    assert all((a - b).abs().max() < TOL for a, b in zip(*outs))
+    assert all((a - b).abs().max() < TOL for a, b in zip(*grads))
