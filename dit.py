@@ -143,11 +143,10 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
 
 @dataclass
 class Packing:
-    """Groups of sequences, each [b_g, L_g + N_g] with its own text length, frames and mask, packed
-    as one sequence [1, S] = [text of every sequence | video of every sequence], group by group,
-    so that a training step with one group per stage makes one pass of the network (MMDiT.packed).
-    text: L_all = sum b_g L_g; groups: (b_g, L_g, N_g, mask, block_ends) each."""
-    text: int
+    """Groups of sequences, each [b_g, L_g + N_g] with its own text length, frames and layout, packed
+    into one [1, L_all] text stream and one [1, N_all] video stream, group by group, so that a
+    training step with one group per stage makes one pass of the network (MMDiT.packed).
+    groups: (b_g, L_g, N_g, rope, mask, block_ends) each, the layout of one of its sequences."""
     groups: list
 
 
@@ -160,21 +159,7 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     split into query blocks ending at these indices; block [start, end) attends to keys [0, end),
     its own and all earlier frames. mask is then only the key padding [B, 1, 1, S]. The masked-out
     scores are never computed, and no S x S mask exists.
-    mask may be a Packing (several groups of sequences in one, B = 1): the block-diagonal mask, its
-    off-diagonal blocks never computed: each group's sequences [b, S_g] attend within themselves.
     """
-    if isinstance(mask, Packing):
-        text, video, t0, v0 = [], [], 0, mask.text
-        for b, L, N, group_mask, ends in mask.groups:
-            # 3 x [b, H, L + N, head_dim]: the group's sequences, each [text | video]
-            qkv = [torch.cat([rearrange(x[:, :, t0:t0 + b * L], "1 h (b l) d -> b h l d", b=b),
-                              rearrange(x[:, :, v0:v0 + b * N], "1 h (b n) d -> b h n d", b=b)], dim=2)
-                   for x in (q, k, v)]
-            out = attention(*qkv, group_mask, manual, ends)                    # [b, H, L + N, head_dim]
-            text.append(rearrange(out[:, :, :L], "b h l d -> 1 h (b l) d"))
-            video.append(rearrange(out[:, :, L:], "b h n d -> 1 h (b n) d"))
-            t0, v0 = t0 + b * L, v0 + b * N
-        return torch.cat(text + video, dim=2)                                  # [1, H, S, head_dim]
     if block_ends is not None:
         starts = [0] + block_ends[:-1]
         return torch.cat([attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], mask[..., :e], manual)
@@ -184,6 +169,32 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                   # [B, H, S, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
+
+
+def joint_attention(txt, img, rope, mask, manual=False, block_ends=None, cache=None, layer=0):
+    """Attention over the joint sequence [text | video] from each stream's q, k, v (txt: 3 x
+    [B, H, L, head_dim], img: 3 x [B, H, N, head_dim]) with RoPE (rope [S, head_dim/2]) -> the
+    outputs of the text and of the video tokens, [B, L, D] and [B, N, D]. mask and block_ends as in
+    attention(); cache: a KVCache being filled or attended to (block `layer`). mask may be a
+    Packing (B = 1): each group's sequences then attend within themselves with their own layout,
+    the block-diagonal mask of the packed sequence, its off-diagonal blocks never computed."""
+    if isinstance(mask, Packing):
+        outs, t0, v0 = [], 0, 0
+        for b, L, N, group_rope, group_mask, ends in mask.groups:
+            # 3 x [b, H, L, head_dim] and 3 x [b, H, N, head_dim]: the group's sequences
+            t = [rearrange(x[:, :, t0:t0 + b * L], "1 h (b l) d -> b h l d", b=b) for x in txt]
+            i = [rearrange(x[:, :, v0:v0 + b * N], "1 h (b n) d -> b h n d", b=b) for x in img]
+            outs.append(joint_attention(t, i, group_rope, group_mask, manual, ends))
+            t0, v0 = t0 + b * L, v0 + b * N
+        # [1, L_all, D] and [1, N_all, D]
+        return tuple(torch.cat([o[j].flatten(0, 1)[None] for o in outs], dim=1) for j in (0, 1))
+    L = txt[0].shape[2]
+    q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt, img))              # [B, H, S, head_dim]
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if cache is not None:
+        k, v = cache.extend(layer, k, v)  # [B, H, P+S, head_dim]
+    out = rearrange(attention(q, k, v, mask, manual, block_ends), "b h s d -> b s (h d)")  # [B, S, D]
+    return out[:, :L], out[:, L:]
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -297,15 +308,9 @@ class MMDiTBlock(nn.Module):
         tq, tk, tv = rearrange(txt_qkv, "b l (three h d) -> three b h l d", three=3, h=heads)
         tq, tk = self.txt_q_norm(tq), self.txt_k_norm(tk)
 
-        # joint attention over [text | video], RoPE on the frame index
-        # [B, H, S, head_dim]
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is not None:
-            k, v = cache.extend(self.layer, k, v)  # [B, H, P+S, head_dim]
-        out = attention(q, k, v, mask, self.cfg.manual_attention, block_ends)
-        out = rearrange(out, "b h s d -> b s (h d)")                          # [B, S, D]
-        txt_attn, img_attn = out[:, :L], out[:, L:]
+        # joint attention over [text | video], RoPE on the frame index: [B, L, D], [B, N, D]
+        txt_attn, img_attn = joint_attention((tq, tk, tv), (iq, ik, iv), rope, mask, self.cfg.manual_attention,
+                                             block_ends, cache, self.layer)
 
         img = img + img_gate1 * self.img_proj(img_attn)
         img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
@@ -472,22 +477,19 @@ class MMDiT(nn.Module):
 
     def packed(self, groups):
         """forward (no cache) of several groups, dicts of its arguments, each with its own batch, text
-        and frames, in one pass of the network: their sequences packed into one [1, S] (a Packing),
-        so every per-token operation runs once on all tokens. Returns the list of their outputs."""
+        and frames, in one pass of the network: their tokens packed into one sequence (a Packing), so
+        every per-token operation runs once on all of them. Returns the list of their outputs."""
         xs = [self.prepare(**g) for g in groups]
         D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
         # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
         txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
-        layouts = [(b, L, N, *x["layout"][1:]) for x, (b, L, N) in zip(xs, sizes)]
-        frame_of_token = torch.cat([xs[0]["frame_ids"].new_zeros(txt.shape[1])]
-                                   + [x["frame_ids"].repeat(b) for x, (b, _, _) in zip(xs, sizes)])  # [S]
-        rope = rope_angles(frame_of_token, D // self.cfg.heads, self.cfg.rope_theta)       # [S, head_dim/2]
+        packing = Packing([(b, L, N, *x["layout"]) for x, (b, L, N) in zip(xs, sizes)])
         # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
         first = accumulate([0] + [2 * b for b, _, _ in sizes])
         clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]
         img_rows, txt_rows = (torch.cat([(r + x[key]).flatten() for r, x in zip(clip_rows, xs)])
                               for key in ("img_rows", "txt_rows"))                         # [N_all], [L_all]
-        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, rope, Packing(txt.shape[1], layouts), None)
+        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, None, packing, None)
         ends = accumulate(b * N for b, _, N in sizes)
         return [self.velocity(img[0, e - b * N:e].view(b, N, D), x) for x, e, (b, _, N) in zip(xs, ends, sizes)]
 
@@ -507,7 +509,7 @@ class MMDiT(nn.Module):
                     img_rows=torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long(),
                     txt_rows=frame_ids.new_full(text.shape[1:2], int(T == 1 or all_frames)),
                     layout=self.layout(frame_ids, key_valid, tokens_per_frame, text.shape[1]),  # rope, mask, ends
-                    frame_ids=frame_ids, vec=vec, all_frames=all_frames,
+                    vec=vec, all_frames=all_frames,
                     shape=(T, *(s // self.cfg.patch_size for s in frames[-1].shape[-2:])))
 
     def velocity(self, img, x):
