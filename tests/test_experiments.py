@@ -5,7 +5,6 @@ import dataclasses
 import os
 
 import pytest
-import torch
 
 import config
 import train

@@ -76,7 +76,7 @@ def test_a_group_never_sees_another_groups_tokens():
 
 
 def test_video_loss_and_gradients_equal_the_per_group_calls():
-    K, windows = 3, pf.stage_windows(3)
+    windows = pf.stage_windows(3)
     net = model()
     loss_fn = train.VideoLoss(net, windows)
     batch = []

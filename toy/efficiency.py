@@ -16,7 +16,12 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
    (b) training step time (train.train: batch, forward, backward, AdamW) of the temporal pyramid
        (K = 3, stages 1:2:1, a random AR position per group) over the full sequence
        (--full_sequence) on 16-frame pixel clips of 32 x 32 (patch 2: 256 tokens a frame,
-       4,096 for the clip), both video only, from a data set made once.
+       4,096 for the clip), both video only, from a data set made once;
+   (c) training step time (the groups, VideoLoss's one pass of the network, backward, AdamW) of
+       the K = 3 spatial pyramid over 16, 8 and 4 latents a side of 4 channels (patch 2: 64, 16
+       and 4 tokens; stages 1:1:1) over the single stage on the same 48 images, the quick start's
+       MM-DiT (width 128, depth 4), the best of 7 steps of each, alternated; and the blocks'
+       analytic FLOPs ratio (toy/experiment.step_flops, text tokens counted): 0.469.
 
     python toy/efficiency.py [--threads=N]   # about 3 minutes on an idle 2-core CPU (NOTES-experiments.md)
     python toy/efficiency.py --quick         # seconds (tests): tiny sizes, the same code
@@ -24,9 +29,10 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
 Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, the best of 3
 timed runs of each, alternated (a drifting machine slows both alike); (b) a 2-layer MM-DiT of
 width 192, batch 4, 2 warm-up and 6 (full sequence) or 24 (pyramid) timed steps, one arm after the
-other. Prints the token table, the measured times, and ends with exactly two lines:
+other. Prints the token table, the measured times, and ends with exactly three lines:
     sampling time ratio, spatial pyramid / single stage: R
     training step time ratio, temporal pyramid / full sequence: R
+    training step time ratio, spatial pyramid / single stage at equal images: R
 """
 import dataclasses
 import os

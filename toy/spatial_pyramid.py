@@ -100,9 +100,9 @@ def main(argv):
 
 def report(curves, out):
     (base_name, base), (pyr_name, pyr) = curves.items()
+    gflops = [c["flops"][0] / c["steps"][0] / 1e9 for c in (base, pyr)]
     print(f"\nsteps {base['steps'][-1]} per arm; training seconds a step: {base_name} {base['step_seconds']:.3f}, "
-          f"{pyr_name} {pyr['step_seconds']:.3f}; GFLOPs a step (analytic): {base['flops'][0] / base['steps'][0] / 1e9:.2f}, "
-          f"{pyr['flops'][0] / pyr['steps'][0] / 1e9:.2f}")
+          f"{pyr_name} {pyr['step_seconds']:.3f}; GFLOPs a step (analytic): {gflops[0]:.2f}, {gflops[1]:.2f}")
     rows, reach = [], {}
     for key, higher in METRICS:
         target = base["scores"][-1][key]
