@@ -19,8 +19,8 @@ object (whole 4 x 4 pixel blocks whose mean brightness is above half the texture
     python toy/renoise.py [--seeds=1,2] [--steps=1500]       # train.py settings --key=value apply
     python toy/renoise.py --quick                              # under a minute (tests)
 
-Budget: two trainings of --steps steps of 48 images (about 4 minutes each on an idle 2-core CPU,
-estimated: not measured yet), then 48 captions x 2 seeds x 4 ways x 2 models. Prints a table and
+Budget: two trainings of --steps steps of 48 images, then 48 captions x 2 seeds x 4 ways x 2
+models: 18 minutes on a shared 2-core machine (toy/README.md). Prints a table and
 ends with the line
     verdict: agrees|disagrees: textured 2 px share without / with the corrective noise: R (real: S)
 (agrees: without the noise the 2 px share falls below 0.9 x the share with it, i.e. blocks appear).
