@@ -166,6 +166,15 @@ def block_causal_mask(frame_of_token: torch.Tensor, key_valid: torch.Tensor, cau
     return pad & (queries[:, None] >= frame_of_token[None, :])  # [B, 1, S or N, S]
 
 
+@dataclass
+class Packing:
+    """Groups of sequences, each [b_g, L_g + N_g] with its own text length, frames and layout, packed
+    into one [1, L_all] text stream and one [1, N_all] video stream, group by group, so that a
+    training step with one group per stage makes one pass of the network (MMDiT.packed).
+    groups: (b_g, L_g, N_g, rope, mask, block_ends) each, the layout of one of its sequences."""
+    groups: list
+
+
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
     """Masked attention of q, k, v [B, H, S, head_dim]; mask broadcastable to [B, H, S, S], True = keep.
 
@@ -185,6 +194,32 @@ def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None 
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                   # [B, H, S, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
+
+
+def joint_attention(txt, img, rope, mask, manual=False, block_ends=None, cache=None, layer=0):
+    """Attention over the joint sequence [text | video] from each stream's q, k, v (txt: 3 x
+    [B, H, L, head_dim], img: 3 x [B, H, N, head_dim]) with RoPE (rope [S, head_dim/2]) -> the
+    outputs of the text and of the video tokens, [B, L, D] and [B, N, D]. mask and block_ends as in
+    attention(); cache: a KVCache being filled or attended to (block `layer`). mask may be a
+    Packing (B = 1): each group's sequences then attend within themselves with their own layout,
+    the block-diagonal mask of the packed sequence, its off-diagonal blocks never computed."""
+    if isinstance(mask, Packing):
+        outs, t0, v0 = [], 0, 0
+        for b, L, N, group_rope, group_mask, ends in mask.groups:
+            # 3 x [b, H, L, head_dim] and 3 x [b, H, N, head_dim]: the group's sequences
+            t = [rearrange(x[:, :, t0:t0 + b * L], "1 h (b l) d -> b h l d", b=b) for x in txt]
+            i = [rearrange(x[:, :, v0:v0 + b * N], "1 h (b n) d -> b h n d", b=b) for x in img]
+            outs.append(joint_attention(t, i, group_rope, group_mask, manual, ends))
+            t0, v0 = t0 + b * L, v0 + b * N
+        # [1, L_all, D] and [1, N_all, D]
+        return tuple(torch.cat([o[j].flatten(0, 1)[None] for o in outs], dim=1) for j in (0, 1))
+    L = txt[0].shape[2]
+    q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt, img))              # [B, H, S, head_dim]
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if cache is not None:
+        k, v = cache.extend(layer, k, v)  # [B, H, P+S, head_dim]
+    out = rearrange(attention(q, k, v, mask, manual, block_ends), "b h s d -> b s (h d)")  # [B, S, D]
+    return out[:, :L], out[:, L:]
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -276,17 +311,17 @@ class MMDiTBlock(nn.Module):
         if not last:
             self.txt_proj, self.txt_norm2, self.txt_mlp = nn.Linear(D, D), norm(), Mlp(D, hidden)
 
-    def forward(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends=None, cache=None):
-        """img [B, N, D]; txt [B, L, D]; img_vec [B, 2, D] conditioning of (history, noisy) tokens;
-        img_is_noisy [N] long picks a row of img_vec per token; txt_vec [B, D]; rope [S, head_dim/2];
-        mask and block_ends as in attention(); cache: a KVCache being filled or to attend to."""
+    def forward(self, img, txt, vec, img_rows, txt_rows, rope, mask, block_ends=None, cache=None):
+        """img [B, N, D]; txt [B, L, D]; vec [B, V, D] conditioning vectors, of which img_rows [N] and
+        txt_rows [L] (long) pick one per token; rope [S, head_dim/2]; mask and block_ends as in
+        attention(); cache: a KVCache being filled or to attend to."""
         L, heads = txt.shape[1], self.cfg.heads
-        # per-token modulation: history tokens read row 0 (clean time), noisy tokens row 1
+        # per-token modulation, e.g. history tokens read row 0 (clean time), noisy tokens row 1
         # 6 x [B, N, D]
-        img_mods = self.img_adaLN_modulation(img_vec)[:, img_is_noisy].chunk(6, dim=-1)
+        img_mods = self.img_adaLN_modulation(vec).index_select(1, img_rows).chunk(6, dim=-1)
         n_txt_mods = 2 if self.last else 6
-        # [B, 1, D] each; no text tokens (cached steps): skip the weights' read
-        txt_mods = (self.txt_adaLN_modulation(txt_vec)[:, None].chunk(n_txt_mods, dim=-1) if L
+        # [B, L, D] each; no text tokens (cached steps): skip the weights' read
+        txt_mods = (self.txt_adaLN_modulation(vec).index_select(1, txt_rows).chunk(n_txt_mods, dim=-1) if L
                     else [txt] * n_txt_mods)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mods
         txt_shift1, txt_scale1 = txt_mods[:2]
@@ -301,15 +336,9 @@ class MMDiTBlock(nn.Module):
         tq, tk, tv = rearrange(txt_qkv, "b l (three h d) -> three b h l d", three=3, h=heads)
         tq, tk = self.txt_q_norm(tq), self.txt_k_norm(tk)
 
-        # joint attention over [text | video], RoPE on the frame index
-        # [B, H, S, head_dim]
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is not None:
-            k, v = cache.extend(self.layer, k, v)  # [B, H, P+S, head_dim]
-        out = attention(q, k, v, mask, self.cfg.manual_attention, block_ends)
-        out = rearrange(out, "b h s d -> b s (h d)")                          # [B, S, D]
-        txt_attn, img_attn = out[:, :L], out[:, L:]
+        # joint attention over [text | video], RoPE on the frame index: [B, L, D], [B, N, D]
+        txt_attn, img_attn = joint_attention((tq, tk, tv), (iq, ik, iv), rope, mask, self.cfg.manual_attention,
+                                             block_ends, cache, self.layer)
 
         img = img + img_gate1 * self.img_proj(img_attn)
         img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
@@ -449,9 +478,9 @@ class MMDiT(nn.Module):
         block_ends = [L + n for n in accumulate(tokens_per_frame)] if per_frame else None
         return rope_angles(frame_of_token, cfg.width // cfg.heads, cfg.rope_theta), mask, block_ends
 
-    def run_blocks(self, img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache=None):
+    def run_blocks(self, img, txt, vec, img_rows, txt_rows, rope, mask, block_ends, cache=None):
         for block in self.blocks:
-            args = (img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends, cache)
+            args = (img, txt, vec, img_rows, txt_rows, rope, mask, block_ends, cache)
             if self.cfg.grad_checkpointing and self.training:
                 img, txt = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -469,32 +498,58 @@ class MMDiT(nn.Module):
         cache: a KVCache of the text and history frames (make_cache); frames is then [current]
         alone and text, text_mask, pooled are not read (the cache holds what they give). Same
         result as passing them, at a fraction of the cost."""
-        self.check_frames(frames, all_frames)
         if cache is not None:
+            self.check_frames(frames, all_frames)
             return self.cached_forward(frames, t, grid, cache)
-        T, L, p = len(frames), text.shape[1], self.cfg.patch_size
-        H, W = (s // p for s in frames[-1].shape[-2:])                    # current token grid
-        img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
-        txt = self.context_embedder(text)                                      # [B, L, D]
+        x = self.prepare(frames, text, text_mask, pooled, t, all_frames, grid)
+        img = self.run_blocks(x["img"], x["txt"], x["vecs"], x["img_rows"], x["txt_rows"], *x["layout"])
+        return self.velocity(img, x)
 
+    def packed(self, groups):
+        """forward (no cache) of several groups, dicts of its arguments, each with its own batch, text
+        and frames, in one pass of the network: their tokens packed into one sequence (a Packing), so
+        every per-token operation runs once on all of them. Returns the list of their outputs."""
+        xs = [self.prepare(**g) for g in groups]
+        D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
+        # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
+        txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
+        packing = Packing([(b, L, N, *x["layout"]) for x, (b, L, N) in zip(xs, sizes)])
+        # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
+        first = accumulate([0] + [2 * b for b, _, _ in sizes])
+        clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]
+        img_rows, txt_rows = (torch.cat([(r + x[key]).flatten() for r, x in zip(clip_rows, xs)])
+                              for key in ("img_rows", "txt_rows"))                         # [N_all], [L_all]
+        img = self.run_blocks(img, txt, vecs, img_rows, txt_rows, None, packing, None)
+        ends = accumulate(b * N for b, _, N in sizes)
+        return [self.velocity(img[0, e - b * N:e].view(b, N, D), x) for x, e, (b, _, N) in zip(xs, ends, sizes)]
+
+    def prepare(self, frames, text, text_mask, pooled, t, all_frames=False, grid=None):
+        """The inputs of the blocks for one call of forward: tokens, conditioning, layout()."""
+        self.check_frames(frames, all_frames)
+        T = len(frames)
+        img, frame_ids, tokens_per_frame = self.embed(frames, self.token_grid(frames[-1].shape[-2:], grid))
         # conditioning: time embedding + pooled text. History is clean data (t = 1) whatever t is
         # (unless history_time="current"); text tokens belong to frame 0: frame 0's conditioning.
         vec, vec_history = self.conditioning(pooled, t)
-        img_vec = torch.stack([vec_history, vec], dim=1)                       # [B, 2, D]
-        # [N]
-        img_is_noisy = torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long()
-        txt_vec = vec if (T == 1 or all_frames) else vec_history
-
         video_valid = torch.ones(text.shape[0], len(frame_ids), dtype=torch.bool, device=img.device)
         key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)          # [B, S]
-        rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
-        img = self.run_blocks(img, txt, img_vec, img_is_noisy, txt_vec, rope, mask, block_ends)
+        return dict(img=img, txt=self.context_embedder(text),                 # [B, N, D], [B, L, D]
+                    vecs=torch.stack([vec_history, vec], dim=1),               # [B, 2, D]
+                    # [N], [L]: 1 = noisy (row 1 of vecs); the text takes frame 0's
+                    img_rows=torch.ones_like(frame_ids) if all_frames else (frame_ids == T - 1).long(),
+                    txt_rows=frame_ids.new_full(text.shape[1:2], int(T == 1 or all_frames)),
+                    layout=self.layout(frame_ids, key_valid, tokens_per_frame, text.shape[1]),  # rope, mask, ends
+                    vec=vec, all_frames=all_frames,
+                    shape=(T, *(s // self.cfg.patch_size for s in frames[-1].shape[-2:])))
 
+    def velocity(self, img, x):
+        """Tokens [B, N, D] after the blocks -> the velocity of the current frame (or all frames)."""
+        (T, H, W), p = x["shape"], self.cfg.patch_size
         # every frame is noisy
-        if all_frames:
-            out = self.final_layer(img, vec)                                   # [B, T*H*W, p*p*C]
+        if x["all_frames"]:
+            out = self.final_layer(img, x["vec"])                              # [B, T*H*W, p*p*C]
             return rearrange(out, "b (t h w) (c p1 p2) -> b c t (h p1) (w p2)", t=T, h=H, w=W, p1=p, p2=p)
-        out = self.final_layer(img[:, -H * W:], vec)  # [B, H*W, p*p*C], current frame
+        out = self.final_layer(img[:, -H * W:], x["vec"])  # [B, H*W, p*p*C], current frame
         # [B, C, h, w]
         return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)
 
@@ -531,7 +586,7 @@ class MMDiT(nn.Module):
             key_valid = torch.cat([text_mask.bool(), video_valid], dim=1)      # [B, P]
             rope, mask, block_ends = self.layout(frame_ids, key_valid, tokens_per_frame, L)
             self.run_blocks(img, self.context_embedder(text), vec_clean[:, None], torch.zeros_like(frame_ids),
-                            vec_clean, rope, mask, block_ends, cache)
+                            frame_ids.new_zeros(L), rope, mask, block_ends, cache)
             cache.key_valid, cache.frames = key_valid, len(history)
             cache.frame_of_token = torch.cat([torch.zeros(L, dtype=frame_ids.dtype, device=device), frame_ids])
         cache.filling = False
@@ -552,7 +607,8 @@ class MMDiT(nn.Module):
             cache.key_valid, cache.frame_of_token, cache.frames = key_valid, key_frames, cache.frames + len(frames)
         # the text is in the cache
         txt = img.new_zeros(B, 0, D)
-        return self.run_blocks(img, txt, vec[:, None], torch.zeros_like(frame_ids), vec, rope, mask, None, cache)
+        rows = torch.zeros_like(frame_ids)                                     # [N]: vec
+        return self.run_blocks(img, txt, vec[:, None], rows, rows[:0], rope, mask, None, cache)
 
     def cached_forward(self, frames, t, grid, cache):
         """forward for the current frame alone, its queries over [cached text and history | own] keys."""
@@ -658,6 +714,13 @@ class TextToVideo(nn.Module):
             return self.dit(frames, None, None, None, t, grid=grid, cache=cache)
         text, mask, pooled = self.encode_text(captions)
         return self.dit(frames, text, mask, pooled, t, all_frames=all_frames, grid=grid)
+
+    def packed(self, groups):
+        """forward of several groups (dicts of frames, captions, t, all_frames, grid) in one pass of
+        the network (MMDiT.packed): a list of their outputs."""
+        groups = [dict({k: v for k, v in g.items() if k != "captions"},
+                       **dict(zip(("text", "text_mask", "pooled"), self.encode_text(g["captions"])))) for g in groups]
+        return self.dit.packed(groups)
 
     def guided(self, frames, captions, t, guidance: float = 1.0, grid=None, null=None, cache=None,
                all_frames: bool = False):

@@ -223,7 +223,8 @@ def sample(velocity, shape, windows, steps, generator=None, renoise=True, spatia
     its network's time input, e.g. with `model_time`). steps: an int, or one count per stage
     indexed by k. Euler steps are evenly spaced in each stage and every model call moves the
     sample (no wasted 0.001-long last step). `renoise=False` drops the corrective noise at jumps
-    (App. C.2). K = 1 is standard flow matching, so baselines share this code.
+    (App. C.2); a collection of stages keeps it at the jumps into those only (toy/renoise.py).
+    K = 1 is standard flow matching, so baselines share this code.
     """
     K = len(windows)
     steps = [steps] * K if isinstance(steps, int) else list(steps)
@@ -241,7 +242,8 @@ def sample(velocity, shape, windows, steps, generator=None, renoise=True, spatia
             if callback is not None:
                 callback(x, k, (i + 1) / n)
         if k > 0:                                 # jump to the next stage (Eq. 15)
-            x = _renoise(x, windows[k - 1][0], generator, spatial, corrective=renoise)
+            corrective = renoise if isinstance(renoise, bool) else (k - 1) in renoise
+            x = _renoise(x, windows[k - 1][0], generator, spatial, corrective=corrective)
     return x
 
 

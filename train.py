@@ -71,13 +71,13 @@ class VideoLoss(nn.Module):
         self.net, self.windows, self.prediction = net, windows, prediction
 
     def forward(self, groups):
+        # full sequence: x_t is the clip [b, C, T, h, w]; else the history and frame i
+        inputs = [dict(frames=list(g["x_t"].unbind(2)) if g.get("all_frames") else g["history"] + [g["x_t"]],
+                       captions=g["captions"], t=g["tau"], all_frames=g.get("all_frames", False), grid=g["grid"])
+                  for g in groups]
         losses, logs = [], {}
-        for g in groups:
-            # full sequence: x_t is the clip [b, C, T, h, w]
-            all_frames = g.get("all_frames", False)
-            frames = list(g["x_t"].unbind(2)) if all_frames else g["history"] + [g["x_t"]]
-            # frame i (or all)
-            v = self.net(frames, g["captions"], g["tau"], all_frames=all_frames, grid=g["grid"])
+        # all groups in one pass of the network: a step costs what its tokens cost
+        for g, v in zip(groups, self.net.packed(inputs)):  # frame i (or all)
             if self.prediction == "x":  # the output is the clean frame: the velocity it implies
                 v = pf.velocity_from_clean(v, g["x_t"], g["stage"], g["t"], self.windows)
             loss = F.mse_loss(v.float(), g["target"])  # Eq. 11, frame i (or the clip) only

@@ -5,7 +5,6 @@ import dataclasses
 import os
 
 import pytest
-import torch
 
 import config
 import train
@@ -33,17 +32,43 @@ def test_spatial_pyramid_against_single_stage(tmp_path, vae_ckpt, capsys):
     curves = spatial_pyramid.main(quick(tmp_path, vae_ckpt))
     same_budget(curves)
     out = capsys.readouterr().out
-    assert "steps ratio" in out and "time ratio" in out and "frechet" in out
+    assert "FLOPs ratio" in out and "time ratio" in out and "frechet" in out and "chance" in out
+    assert out.strip().splitlines()[-1].startswith("verdict: ")
     assert (tmp_path / "spatial_pyramid.png").exists()
-    assert curves["single stage (K = 1)"]["steps"] == [2, 4]  # evaluated along the way (--every=2)
+    single, pyramid = curves.values()
+    assert single["steps"] == [2, 4]  # evaluated along the way (--every=2)
+    assert single["flops"][1] == 2 * single["flops"][0] > 0
+
+
+def test_turns_alternate_chunks_of_steps():
+    import threading
+    turns, log = experiment.Turns(2), []
+
+    def job(i, n):
+        turns.take(i)
+        for s in range(1, n + 1):
+            log.append((i, s))
+            if s % 2 == 0 and s != n:
+                turns.pause(i)
+        turns.give(i, finished=True)
+    threads = [threading.Thread(target=job, args=(i, n)) for i, n in ((0, 6), (1, 4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log == [(0, 1), (0, 2), (1, 1), (1, 2), (0, 3), (0, 4), (1, 3), (1, 4), (0, 5), (0, 6)]
 
 
 def test_equal_tokens_grows_the_pyramids_batch_to_the_baselines_tokens():
     cfg, _, _ = experiment.parse([], spatial_pyramid.OWN, spatial_pyramid.SETTINGS, {})
     single, pyramid = spatial_pyramid.arms(cfg, equal_tokens=True).values()
-    assert single.batch_size == 24 and pyramid.batch_size == 60  # 24 x 64 tokens = 1536; 60 x 25 = 1500
-    assert experiment.tokens_per_clip(single) == 64 and experiment.tokens_per_clip(pyramid) == 25
-    assert [a.batch_size for a in spatial_pyramid.arms(cfg).values()] == [24, 24]
+    # text tokens counted: 24 x (64 + 5) = 1656; 17 x ((64 + 5) + (16 + 5) + (4 + 5)) = 1683
+    assert single.batch_size == 24 and pyramid.batch_size == 51
+    assert experiment.tokens_per_clip(single) == 64 and experiment.tokens_per_clip(pyramid) == 28
+    assert [a.batch_size for a in spatial_pyramid.arms(cfg, equal_tokens=False).values()] == [24, 24]
+    # the blocks' FLOPs a step: about equal at equal tokens (attention is quadratic: the pyramid's less)
+    ratio = experiment.train_flops(pyramid) / experiment.train_flops(single)
+    assert 0.85 < ratio < 1.0
 
 
 def test_temporal_pyramid_against_full_sequence(tmp_path, vae_ckpt, capsys):
@@ -53,30 +78,39 @@ def test_temporal_pyramid_against_full_sequence(tmp_path, vae_ckpt, capsys):
     assert tokens["temporal pyramid (K = 2)"] < tokens["full sequence"]
     out = capsys.readouterr().out
     assert "equal steps" in out and "equal wall time" in out and "consistency" in out
+    assert out.strip().splitlines()[-1].startswith("verdict: ")
     assert (tmp_path / "temporal_pyramid.png").exists()
 
 
-def test_renoise_with_and_without_the_corrective_noise(tmp_path, vae_ckpt, capsys):
-    results = renoise.main(quick(tmp_path, vae_ckpt))
-    with_noise, without = results.values()
-    assert without["jump_share"] == 0.0 < with_noise["jump_share"]  # a flat 2 x 2 block start without n'
-    assert "share after jump" in capsys.readouterr().out
+def test_renoise_four_ways_on_textured_and_plain_shapes(tmp_path, capsys):
+    results = renoise.main(["--quick", f"--out_dir={tmp_path}"])  # pixel space: no VAE
+    assert list(results) == ["textured", "plain (control)"]
+    for rows in results.values():
+        assert list(rows) == ["real images", *renoise.WAYS]
+        # no corrective noise at the last jump: the last stage starts from flat 2 x 2 blocks, and an
+        # (almost) untrained model moves them little
+        assert rows["neither"][0] < rows["both jumps"][0]
+    assert results["textured"]["real images"][0] > 0.3  # real texture lives inside 2 px blocks
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("verdict: ")
     assert (tmp_path / "renoise.png").exists()
 
 
-def test_block_share_is_zero_on_flat_blocks_and_one_without_block_means():
-    x = torch.randn(2, 3, 4, 4)
-    assert renoise.block_share(x.repeat_interleave(2, -1).repeat_interleave(2, -2)) == pytest.approx(0.0, abs=1e-12)
-    z = torch.randn(2, 3, 8, 8)
-    assert renoise.block_share(z - torch.nn.functional.interpolate(
-        torch.nn.functional.avg_pool2d(z, 2), scale_factor=2)) == pytest.approx(1.0)
+def test_object_shares_are_zero_on_flat_blocks_and_high_on_texture():
+    from toy import data
+    flat = data.shapes_batch(4, frames=1, size=32, generator=0)[0]
+    coarse = renoise.pf.up(renoise.pf.down(flat[:, :, 0], 1), 1)[:, :, None]   # flat 2 x 2 blocks
+    assert renoise.object_shares(coarse, 1.0)[0] == pytest.approx(0.0, abs=1e-9)
+    textured = data.shapes_batch(4, frames=1, size=32, generator=0, keep=0.5)[0]
+    assert renoise.object_shares(textured, 0.5)[0] > 0.5
 
 
 def test_causal_against_bidirectional(tmp_path, vae_ckpt, capsys):
     curves = causal.main(quick(tmp_path, vae_ckpt))
     same_budget(curves)
     out = capsys.readouterr().out
-    assert "blockwise-causal" in out and "bidirectional" in out and "sample s" in out
+    assert "blockwise-causal" in out and "bidirectional" in out and "identity_change" in out
+    assert out.strip().splitlines()[-1].startswith("verdict: ")
     assert all(c["sample_seconds"] > 0 for c in curves.values())
     assert (tmp_path / "causal.png").exists()
 
@@ -89,11 +123,12 @@ def test_efficiency_token_table_and_the_two_ratio_lines(tmp_path, capsys):
     phase3 = next(line for line in out.splitlines() if line.startswith("preset full phase 3"))
     assert phase3.split()[-5:] == paper.split()[-5:]  # the full recipe's 10 s 768p clips are the paper's
     assert "10,320" in out  # the paper's TN/4^K, one level off
-    *_, a, b = out.strip().splitlines()
-    prefix_a, prefix_b = "sampling time ratio, spatial pyramid / single stage: ", \
-        "training step time ratio, temporal pyramid / full sequence: "
-    assert a.startswith(prefix_a) and b.startswith(prefix_b)
-    assert float(a[len(prefix_a):]) > 0 and float(b[len(prefix_b):]) > 0
+    *_, a, b, c = out.strip().splitlines()
+    prefixes = ("sampling time ratio, spatial pyramid / single stage: ",
+                "training step time ratio, temporal pyramid / full sequence: ",
+                "training step time ratio, spatial pyramid / single stage at equal images: ")
+    for line, prefix in zip((a, b, c), prefixes):
+        assert line.startswith(prefix) and float(line[len(prefix):]) > 0
 
 
 def test_first_reaching_and_value_at():

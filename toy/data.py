@@ -125,10 +125,12 @@ def _trajectories(directions, frames, size, object_px, margin, speed, generator,
     return x, y
 
 
-def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None, colours=None):
+def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None, colours=None, keep=1.0):
     """A batch of shape videos -> (video [B, 3, T, H, W] float32 in [-1, 1], captions list[str]).
     captions=None draws them uniformly from SHAPE_CAPTIONS, or from the captions of `colours` (names
-    of ALL_COLOURS; None: the four of COLOURS, the same draws as SHAPE_CAPTIONS); frames=1 gives images."""
+    of ALL_COLOURS; None: the four of COLOURS, the same draws as SHAPE_CAPTIONS); frames=1 gives images.
+    keep < 1: each object pixel is kept with this probability, else black (a texture no coarse view
+    predicts)."""
     g = _as_generator(generator)
     if captions is None:
         pool = SHAPE_CAPTIONS if colours is None else shape_captions(colours)
@@ -157,6 +159,8 @@ def shapes_batch(batch_size, frames=8, size=32, generator=None, captions=None, c
     triangle = (u - 0.5).abs() <= v / 2  # apex at the top centre, base along the bottom edge
     masks = torch.stack([circle, box, triangle], dim=1) & box[:, None]  # [B, 3 shapes, T, H, W]
     mask = masks[torch.arange(batch_size), shape]  # [B, T, H, W]
+    if keep < 1:
+        mask = mask & (torch.rand(mask.shape, generator=g) < keep)
 
     video = mask[:, None].float() * colour[:, :, None, None, None] * 2 - 1  # [B, 3, T, H, W]
     return video, list(captions)

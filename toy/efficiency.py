@@ -16,7 +16,12 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
    (b) training step time (train.train: batch, forward, backward, AdamW) of the temporal pyramid
        (K = 3, stages 1:2:1, a random AR position per group) over the full sequence
        (--full_sequence) on 16-frame pixel clips of 32 x 32 (patch 2: 256 tokens a frame,
-       4,096 for the clip), both video only, from a data set made once.
+       4,096 for the clip), both video only, from a data set made once;
+   (c) training step time (the groups, VideoLoss's one pass of the network, backward, AdamW) of
+       the K = 3 spatial pyramid over 16, 8 and 4 latents a side of 4 channels (patch 2: 64, 16
+       and 4 tokens; stages 1:1:1) over the single stage on the same 48 images, the quick start's
+       MM-DiT (width 128, depth 4), the best of 7 steps of each, alternated; and the blocks'
+       analytic FLOPs ratio (toy/experiment.step_flops, text tokens counted): 0.469.
 
     python toy/efficiency.py [--threads=N]   # about 3 minutes on an idle 2-core CPU (NOTES-experiments.md)
     python toy/efficiency.py --quick         # seconds (tests): tiny sizes, the same code
@@ -24,9 +29,10 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
 Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, the best of 3
 timed runs of each, alternated (a drifting machine slows both alike); (b) a 2-layer MM-DiT of
 width 192, batch 4, 2 warm-up and 6 (full sequence) or 24 (pyramid) timed steps, one arm after the
-other. Prints the token table, the measured times, and ends with exactly two lines:
+other. Prints the token table, the measured times, and ends with exactly three lines:
     sampling time ratio, spatial pyramid / single stage: R
     training step time ratio, temporal pyramid / full sequence: R
+    training step time ratio, spatial pyramid / single stage at equal images: R
 """
 import dataclasses
 import os
@@ -54,6 +60,10 @@ TRAINING = dict(frames=16, size=32, patch=2, width=192, depth=2, heads=3, batch_
                 timed_full=6, timed_pyramid=24)
 TRAINING_QUICK = dict(frames=4, size=8, patch=1, width=32, depth=1, heads=1, batch_size=4, warm=1,
                       timed_full=2, timed_pyramid=2)
+
+# (c) the spatial experiment's training step: K = 3 over 16/8/4 latents a side, equal images
+SPATIAL_TRAINING = dict(side=16, width=128, depth=4, heads=4, batch=48, repeats=7)
+SPATIAL_TRAINING_QUICK = dict(side=8, width=32, depth=1, heads=1, batch=6, repeats=1)
 
 
 def token_table():
@@ -140,6 +150,41 @@ def training_ratio(s, out):
     return step_seconds(pyramid, s["warm"]), step_seconds(full, s["warm"]), pyramid, full
 
 
+def spatial_training_ratio(s):
+    """(c): seconds of a training step (groups, forward, backward, AdamW) of the K = 3 spatial
+    pyramid (stages 1:1:1) and of the single stage on the same images, alternated; and the blocks'
+    analytic FLOPs of both (ex.step_flops, the captions' text tokens counted)."""
+    side, B, g = s["side"], s["batch"], torch.Generator().manual_seed(0)
+    cfg = config.parse_args(["--preset=tiny"])
+    net_cfg = dit.DiTConfig(in_channels=4, patch_size=2, width=s["width"], depth=s["depth"], heads=s["heads"],
+                            text_dim=128, pooled_dim=128)
+    latents = torch.randn(B, 4, 1, side, side, generator=g)   # [B, C, T, h, w]: images
+    captions = ex.captions_for(B)
+    text = [len(dit.ToyTextEncoder(1, 1).tokenize(c)) for c in captions]
+
+    def arm(K):
+        windows, per = pf.stage_windows(K), B // K
+        torch.manual_seed(0)
+        loss_fn = train.VideoLoss(dit.TextToVideo(net_cfg), windows)
+        opt = torch.optim.AdamW(loss_fn.parameters(), lr=1e-4)
+        # stage k takes images k*per .. (k+1)*per - 1
+        sequences = [(text[j], (side >> k) ** 2 // 4) for k in range(K) for j in range(k * per, (k + 1) * per)]
+
+        def step():
+            groups = []
+            for k in range(K):
+                group, _ = train.stage_example(latents[k * per:(k + 1) * per], k, dataclasses.replace(cfg, K=K),
+                                               windows, g)
+                groups.append(dict(group, captions=captions[k * per:(k + 1) * per]))
+            loss, _ = loss_fn(groups)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step, ex.step_flops(s["width"], s["depth"], sequences)
+    (pyramid, pyr_flops), (single, single_flops) = arm(3), arm(1)
+    return (*time_pair(pyramid, single, s["repeats"]), pyr_flops / single_flops)
+
+
 def main(argv):
     quick = "--quick" in argv
     out = os.path.join(ex.EXPERIMENTS_DIR, "efficiency")
@@ -171,9 +216,16 @@ def main(argv):
           f"{t['patch']} (width {t['width']}, depth {t['depth']}): temporal pyramid {pyr_s:.3f} s "
           f"({pyr_tok:.0f} tokens a sample on average), full sequence {full_s:.3f} s ({full_tok} tokens); "
           f"token ratio {pyr_tok / full_tok:.3f}\n")
+    c = SPATIAL_TRAINING_QUICK if quick else SPATIAL_TRAINING
+    pyr_c, single_c, flops = spatial_training_ratio(c)
+    print(f"(c) training steps of {c['batch']} images of {c['side']}x{c['side']}x4 latents, patch 2 (width "
+          f"{c['width']}, depth {c['depth']}): spatial pyramid K = 3 (stages 1:1:1, {c['side'] ** 2 // 4}/"
+          f"{c['side'] ** 2 // 16}/{c['side'] ** 2 // 64} tokens) {pyr_c:.3f} s, single stage {single_c:.3f} s, "
+          f"the best of {c['repeats']} alternated; analytic FLOPs ratio {flops:.3f} (text tokens counted)\n")
     print(f"sampling time ratio, spatial pyramid / single stage: {pyramid / single:.3f}")
     print(f"training step time ratio, temporal pyramid / full sequence: {pyr_s / full_s:.3f}")
-    return pyramid / single, pyr_s / full_s
+    print(f"training step time ratio, spatial pyramid / single stage at equal images: {pyr_c / single_c:.3f}")
+    return pyramid / single, pyr_s / full_s, pyr_c / single_c
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Tensor legend: video [B, C, T, H, W] in [-1, 1].
 import dataclasses
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -119,6 +120,19 @@ def pixel_frechet(videos, reference):
     return evaluate.frechet_distance(feats(videos), feats(reference))
 
 
+def blob_features(videos):
+    """Per frame of videos [B, 3, T, H, W] in [-1, 1], the object (evaluate's largest bright blob)
+    in 10 numbers [B T, 10]: area (share of the frame), centroid row and column (in frame units),
+    overlap (IoU) with the four shape templates of evaluate, mean colour (rgb in [0, 1]); zeros
+    where there is no object. Low-dimensional, so a Frechet distance over them is well posed
+    against a few hundred real images (the 8-pixel thumbnails of pixel_frechet cannot see shape)."""
+    rgb, mask, area, cy, cx = evaluate._blobs(videos)
+    H, W = videos.shape[-2:]
+    ious = evaluate._template_ious(mask, area, cy, cx).nan_to_num(0.0)  # [N, 4]
+    colour = (rgb * mask[:, None]).sum((2, 3)) / area.clamp(min=1)[:, None]  # [N, 3]
+    return torch.cat([torch.stack([area / (H * W), cy / H, cx / W], 1), ious, colour], 1)
+
+
 def frame_constancy(videos):
     """Share of videos whose per-frame colour, and per-frame shape, never change: each frame is
     classified on its own (a one-frame video) by evaluate.classify_shapes."""
@@ -129,6 +143,25 @@ def frame_constancy(videos):
     shape = np.array([p["shape"] for p in preds]).reshape(B, T)
     return dict(colour_kept=float((colour == colour[:, :1]).all(1).mean()),
                 shape_kept=float((shape == shape[:, :1]).all(1).mean()))
+
+
+def identity_change(videos):
+    """Share of videos whose object changes identity: the colour or shape of the first frame in
+    which the object is whole (its blob clear of the frame's edge, evaluate.blob_tracks) against
+    the last such frame, each frame classified on its own; videos with fewer than two whole frames
+    are left out (NaN if none has two). Frames the object enters or leaves through the edge would
+    otherwise count the scorer's flicker on a cut blob as a change."""
+    B, _, T = videos.shape[:3]
+    whole = evaluate.blob_tracks(videos)["border"].numpy() > 0                  # [B, T]
+    frames = videos.transpose(1, 2).flatten(0, 1)[:, :, None]             # [B T, 3, 1, H, W]
+    preds = evaluate.classify_shapes(frames)
+    ids = np.array([(p["colour"], p["shape"]) for p in preds], dtype=object).reshape(B, T, 2)
+    changes = []
+    for b in range(B):
+        seen = np.flatnonzero(whole[b])
+        if len(seen) >= 2:
+            changes.append(tuple(ids[b, seen[0]]) != tuple(ids[b, seen[-1]]))
+    return float(np.mean(changes)) if changes else float("nan")
 
 
 def real_clips(captions, frames, size):
@@ -144,24 +177,26 @@ def score(videos, captions):
     return scores | frame_constancy(videos) | dict(frechet=pixel_frechet(videos, reference))
 
 
-def sample_and_score(net, cfg, vae, captions, seeds, **kw):
-    """Mean scores of the captions sampled with each seed (sample.generate, the run's settings
-    unless kw says otherwise), the videos of the first seed, and the sampling seconds per seed."""
+def sample_and_score(net, cfg, vae, captions, seeds, score_fn=score, **kw):
+    """Mean scores (score_fn) of the captions sampled with each seed (sample.generate, the run's
+    settings unless kw says otherwise), the videos of the first seed, the sampling seconds per seed."""
     runs, videos, t0 = [], None, time.perf_counter()
     for seed in seeds:
-        v = sample.generate(net, captions, dataclasses.asdict(cfg), cfg.frames, vae=vae, seed=seed, progress=False,
-                            **kw)
-        runs.append(score(v, captions))
+        v = sample.generate(net, captions, dataclasses.asdict(cfg), kw.get("frames", cfg.frames), vae=vae,
+                            seed=seed, progress=False, **{k: v for k, v in kw.items() if k != "frames"})
+        runs.append(score_fn(v, captions))
         videos = v if videos is None else videos
     seconds = (time.perf_counter() - t0) / len(seeds)
     return {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}, videos, seconds
 
 
-def train_and_evaluate(cfg, every, evaluate_fn, quiet=False):
+def train_and_evaluate(cfg, every, evaluate_fn, quiet=False, pause=None):
     """Train cfg through train.train, calling evaluate_fn(net) on the EMA network every `every`
-    steps and at the end. Returns dict(steps, seconds, scores: one list entry per evaluation;
-    step_seconds: mean training seconds a step; losses; net: the final EMA network)."""
-    curve = dict(steps=[], seconds=[], scores=[])
+    steps and at the end, then pause() if given (another arm's turn: its time is not this arm's).
+    Returns dict(steps, seconds, flops, scores: one list entry per evaluation; step_seconds: mean
+    training seconds a step; losses; net: the final EMA network); flops: step_flops of the steps."""
+    curve = dict(steps=[], seconds=[], flops=[], scores=[])
+    flops_a_step = train_flops(cfg)
     clock = dict(first=None, evaluating=0.0)
 
     def on_step(step, ema):
@@ -177,10 +212,13 @@ def train_and_evaluate(cfg, every, evaluate_fn, quiet=False):
         curve["scores"].append(evaluate_fn(ema.net))
         curve["steps"].append(step)
         curve["seconds"].append(trained)
-        clock["evaluating"] += time.perf_counter() - now
+        curve["flops"].append(step * flops_a_step)
         if not quiet:
-            print(f"  step {step}: {trained:.0f} s of training, " +
+            print(f"  {cfg.out_dir}, step {step}: {trained:.0f} s of training, " +
                   ", ".join(f"{k} {v:.3f}" for k, v in curve["scores"][-1].items()), flush=True)
+        if pause is not None and step != cfg.max_steps:
+            pause()
+        clock["evaluating"] += time.perf_counter() - now
 
     # the experiment scores, not train's report
     cfg = dataclasses.replace(cfg, eval_captions=0, overwrite=True)
@@ -189,22 +227,86 @@ def train_and_evaluate(cfg, every, evaluate_fn, quiet=False):
     return curve
 
 
-def run_arms(arms, out, every, vae, captions, seeds, quiet=False):
+def run_arms(arms, out, every, vae, captions, seeds, quiet=False, score_fn=score, alternate=False):
     """Train each arm (name -> cfg) into out/<first word of its name> with train_and_evaluate,
-    scoring sample_and_score(captions, seeds) along the way. Returns the curves (name -> curve,
-    with `videos`: the last evaluation's samples of the first seed, and `sample_seconds`: its
-    sampling seconds per seed)."""
-    curves = {}
-    for name, arm in arms.items():
+    scoring sample_and_score(captions, seeds, score_fn) along the way. alternate: the arms take
+    turns, `every` steps each (threads, one running at a time), so a host whose speed drifts slows
+    all alike. Returns the curves (name -> curve, with `videos`: the last evaluation's samples of
+    the first seed, and `sample_seconds`: its sampling seconds per seed)."""
+    curves, turns = {}, Turns(len(arms))
+
+    def run(i, name, arm):
         arm = dataclasses.replace(arm, out_dir=os.path.join(out, name.split()[0]))
         print(f"{name}: {arm.max_steps} steps of {arm.batch_size} clips", flush=True)
         last = {}
 
-        def evaluate_fn(net, arm=arm, last=last):
-            scores, last["videos"], last["sample_seconds"] = sample_and_score(net, arm, vae, captions, seeds)
+        def evaluate_fn(net):
+            scores, last["videos"], last["sample_seconds"] = sample_and_score(net, arm, vae, captions, seeds,
+                                                                              score_fn)
             return scores
-        curves[name] = train_and_evaluate(arm, every, evaluate_fn, quiet=quiet) | last
-    return curves
+        pause = (lambda: turns.pause(i)) if alternate else None
+        curves[name] = train_and_evaluate(arm, every, evaluate_fn, quiet=quiet, pause=pause) | last
+    if not alternate:
+        for i, (name, arm) in enumerate(arms.items()):
+            run(i, name, arm)
+        return curves
+    errors = []
+
+    def job(i, name, arm):
+        turns.take(i)
+        try:
+            run(i, name, arm)
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+        finally:
+            turns.give(i, finished=True)
+    threads = [threading.Thread(target=job, args=(i, *item)) for i, item in enumerate(arms.items())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {name: curves[name] for name in arms}
+
+
+class Turns:
+    """Threads that take turns: one runs until pause(), which hands the turn to the next thread
+    that has not finished and waits for its own turn to come back."""
+
+    def __init__(self, n):
+        self.cond, self.turn, self.finished = threading.Condition(), 0, [False] * n
+
+    def take(self, i):
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def give(self, i, finished=False):
+        with self.cond:
+            self.finished[i] = self.finished[i] or finished
+            n = len(self.finished)
+            self.turn = next(((i + j) % n for j in range(1, n + 1) if not self.finished[(i + j) % n]), i)
+            self.cond.notify_all()
+
+    def pause(self, i):
+        self.give(i)
+        self.take(i)
+
+
+def train_flops(cfg):
+    """Analytic FLOPs of one training step of cfg's one-frame (image) clips (step_flops): the batch
+    in its stage ratio, stage k's images at (side / 2^k / patch)^2 tokens, each with the text tokens
+    of the longest caption (a group's text is padded to it: a group of 8 or more almost always holds
+    one). Video clips (history) are not counted: only the image experiments use it."""
+    if cfg.frames != 1:
+        return float("nan")
+    dcfg = config.dit_config(cfg, in_channels=4)
+    side = cfg.size // (vae_module.VAE_SIZES[cfg.vae_size].spatial_factor if cfg.vae_ckpt or cfg.vae_steps else 1)
+    ratio = [int(r) for r in cfg.stage_ratio.split(",")][::-1]  # index k
+    per = cfg.batch_size // sum(ratio)
+    L = max(len(c.split()) for c in data.SHAPE_CAPTIONS)
+    sequences = [(L, (side // 2 ** k // dcfg.patch_size) ** 2) for k, r in enumerate(ratio) for _ in range(r * per)]
+    return step_flops(dcfg.width, dcfg.depth, sequences)
 
 
 def tokens_per_clip(cfg):
@@ -222,6 +324,14 @@ def tokens_per_clip(cfg):
     per_stage = [sum(pf.pyramid_tokens(side, side, i + 1, k, cfg.K, patch) for i in range(T)) / T
                  for k in range(cfg.K - 1, -1, -1)]
     return sum(r * n for r, n in zip(ratio, per_stage)) / sum(ratio)
+
+
+def step_flops(width, depth, sequences):
+    """Analytic training FLOPs of the MM-DiT blocks for sequences [(text tokens, video tokens), ...]:
+    forward + backward = 3 forwards; a forward makes 2 FLOPs a multiply-add, per token 12 D^2 of
+    them (qkv 3, output projection 1, MLP 8) and per sequence of S tokens 2 S^2 D (q k^T and the
+    weighted sum of values). Embedders, norms and the final layer (a few % here) are left out."""
+    return 3 * depth * sum(2 * (12 * width ** 2 * (L + N) + 2 * (L + N) ** 2 * width) for L, N in sequences)
 
 
 def series(curves, axis, key):

@@ -1,29 +1,34 @@
 """
-App. C.2 / Fig. 10 at laptop scale: what the corrective noise of Eq. 15 does at a jump. One trained
-pyramid checkpoint is sampled twice on the same captions and seeds: as trained (renoise: the
-upsampled end of the lower stage, rescaled, plus the block-decorrelating noise n') and without the
-noise term (renoise=False, pf.renoise(corrective=False): only the rescaled nearest upsampling).
-Without n' the start of the next stage is constant on every 2 x 2 block, a start the model never
-saw in training; the paper shows blur and block artefacts. Measured here:
+App. C.2 / Fig. 10 at laptop scale: what the corrective noise of Eq. 15 does at a jump. Without its
+noise term a stage starts from the lower stage's end upsampled, constant on every 2 x 2 block; the
+paper shows blocky, blurred samples. Blocks can only show where the fine detail is not predictable
+from the coarse image: on flat shapes the model fills a flat block with the flat colour whatever
+its start. So the test is in pixel space (32 px images, patch 4, K = 3: 32, 16, 8 px, jumps at 2
+and 4 px blocks) on shapes with a texture no coarse view predicts (each object pixel kept with
+probability KEEP, else black: data.shapes_batch(keep=)), with plain shapes as the control.
 
-  block share   the energy of the variation inside the jump's 2 x 2 blocks over the energy around
-                the mean (x - Up(Down(x)) against x - mean, per frame): 0 for a picture made of
-                flat blocks. Right after the jump on the latents the model is given, and at the
-                end on the decoded pixels (blocks of 2 x the VAE's factor: 8 px), next to the same
-                share of real clips.
-  scores        toy/evaluate.py's caption scores and the pixel Frechet distance to real clips.
+One model per data set (the quick start's MM-DiT, text-to-image, stages 1:1:1) is sampled on the
+same captions and seeds four ways: the corrective noise at both jumps, at neither, at the first
+(8 -> 16 px) alone, at the last (16 -> 32 px) alone. Measured on the final images, inside the
+object (whole 4 x 4 pixel blocks whose mean brightness is above half the texture's):
 
-    python toy/renoise.py [--ckpt=PATH] [--seeds=1,2] [--steps=600]
-    python toy/renoise.py --quick                                       # seconds (tests)
+  2 px / 4 px share   the energy of the variation inside 2 x 2 (4 x 4) pixel blocks over the energy
+                      around the object's mean colour; 0 for an object of flat blocks. Real images
+                      of the same captions give the target.
 
---ckpt: default out/tiny/ckpt.pt (the quick start) if it exists, else a short run of the quick
-start's recipe (--steps steps, trained into out/experiments/renoise/model, reused next time;
-train.py settings --key=value apply to it). Budget: sampling 48 captions x 2 seeds x 2 ways
-(about a minute on an idle 2-core CPU); with no checkpoint, plus 600 training steps of 48 clips
-(about 3 minutes) and the shared VAE (about 3.5, once): 8 minutes at most (NOTES-experiments.md). Prints one table;
-writes out/experiments/renoise/renoise.png (the two grids side by side: first | last frame).
+    python toy/renoise.py [--seeds=1,2] [--steps=1500]       # train.py settings --key=value apply
+    python toy/renoise.py --quick                              # under a minute (tests)
+
+Budget: two trainings of --steps steps of 48 images, then 48 captions x 2 seeds x 4 ways x 2
+models: 18 minutes on a shared 2-core machine (toy/README.md). Prints a table and
+ends with the line
+    verdict: agrees|disagrees: textured 2 px share without / with the corrective noise: R (real: S)
+(agrees: without the noise the 2 px share falls below 0.9 x the share with it, i.e. blocks appear).
+Writes out/experiments/renoise/renoise.png.
 """
+import contextlib
 import dataclasses
+import functools
 import os
 import sys
 
@@ -33,83 +38,85 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+from toy import data  # noqa: E402
 from toy import experiment as ex  # noqa: E402
 
-QUICK_START = os.path.join("out", "tiny", "ckpt.pt")
-OWN = dict(ckpt="", seeds="1,2", captions=48, steps=600)
-KEYS = ("colour", "shape", "direction", "size_kept", "consistency", "frechet")
+OWN = dict(seeds="1,2", captions=48, steps=1500)
+KEEP = 0.7  # an object pixel's chance to be lit in the textured data
+SETTINGS = dict(vae_ckpt="", vae_steps=0, frames=1, image_ratio=1.0, size=32, patch=4, K=3, stage_ratio="1,1,1",
+                batch_size=48, sample_steps="10,10,10", sample_steps_later="10,10,10", lr_decay="cosine")
+QUICK = dict(max_steps=2, batch_size=6, data_pool=12, vae_steps=0)  # pixel space here too
+# stages that get the corrective noise at the jump into them (k = 1: 8 -> 16 px, k = 0: 16 -> 32 px)
+WAYS = {"both jumps": (0, 1), "neither": (), "first jump only": (1,), "last jump only": (0,)}
+MARGIN = 0.9  # agrees: the 2 px share without the noise below MARGIN x with it
 
 
-def block_share(x, levels=1):
-    """Energy inside the blocks of 2^levels pixels over the energy around each frame's mean:
-    x [..., H, W] -> a float in [0, 1]; 0 when x is constant on every block."""
-    within = x - pf.up(pf.down(x, levels), levels)
-    around = x - x.mean(dim=(-2, -1), keepdim=True)
-    return float(within.pow(2).sum() / around.pow(2).sum().clamp(min=1e-12))
+@contextlib.contextmanager
+def textured(keep):
+    """The shapes data source with textured objects while training (train.Video reads data.SOURCES)."""
+    plain = data.SOURCES["shapes"]
+    data.SOURCES["shapes"] = functools.partial(data.shapes_batch, keep=keep)
+    try:
+        yield
+    finally:
+        data.SOURCES["shapes"] = plain
 
 
-def checkpoint(argv):
-    """(the checkpoint to sample: --ckpt, the quick start's, or a short run trained here; the
-    options; the folder of the PNG: --out_dir or out/experiments/renoise)."""
-    cfg, opts, quick = ex.parse(argv, OWN, {}, dict(max_steps=2, frames=5))
-    out = cfg.out_dir or os.path.join(ex.EXPERIMENTS_DIR, "renoise")
-    if opts["ckpt"]:
-        return opts["ckpt"], opts, out
-    if os.path.exists(QUICK_START) and not quick and not cfg.out_dir:
-        return QUICK_START, opts, out
-    path = os.path.join(out, "model", "ckpt.pt")
-    if os.path.exists(path) and not quick:
-        print(f"using the model trained here before: {path}")
-        return path, opts, out
-    cfg = ex.with_vae(cfg, cfg.out_dir or ex.EXPERIMENTS_DIR, quiet=quick)
-    steps = cfg.max_steps if quick else opts["steps"]
-    print(f"no checkpoint given and none at {QUICK_START}: training {steps} steps of the quick start's recipe")
-    train.train(dataclasses.replace(cfg, max_steps=steps, out_dir=os.path.dirname(path), overwrite=True,
-                                    eval_captions=0), quiet=quick)
-    return path, opts, out
+def object_shares(images, keep):
+    """(2 px share, 4 px share) inside the objects of images [B, 3, 1, H, W] in [-1, 1]."""
+    x = images[:, :, 0].float()                                               # [B, 3, H, W]
+    bright = ((x + 1) / 2).clamp(0, 1).amax(1, keepdim=True)                  # [B, 1, H, W]
+    inside = (pf.up(pf.down(bright, 2), 2) > keep / 2).float()                # whole 4 x 4 blocks
+    mean = (x * inside).sum((2, 3), keepdim=True) / inside.sum((2, 3), keepdim=True).clamp(min=1)
+    around = ((x - mean).pow(2) * inside).sum().clamp(min=1e-12)
+    return tuple(float(((x - pf.up(pf.down(x, lv), lv)).pow(2) * inside).sum() / around) for lv in (1, 2))
 
 
-def sample_both(net, cfg, vae, captions, seeds):
-    """Per way (renoise on, off): mean scores, block shares and the first seed's videos."""
-    jump_levels = 1  # every jump doubles the resolution: its blocks are 2 x 2
-    pixel_levels = jump_levels + int(np.log2(vae.cfg.spatial_factor)) if vae is not None else jump_levels
-    results = {}
-    for renoise in (True, False):
-        rows, after_jump, videos0 = [], [], None
+def train_model(cfg, out, keep, quiet):
+    path = os.path.join(out, f"model_keep{keep:g}", "ckpt.pt")
+    print(f"training {cfg.max_steps} steps on {'textured' if keep < 1 else 'plain'} shapes -> {path}", flush=True)
+    with textured(keep):
+        train.train(dataclasses.replace(cfg, out_dir=os.path.dirname(path), overwrite=True, eval_captions=0),
+                    quiet=quiet)
+    return path
+
+
+def sample_ways(path, captions, seeds, keep):
+    net, cfg, vae = sample.load(path)
+    real = data.shapes_batch(len(captions), frames=1, size=cfg["size"], generator=0, captions=captions, keep=keep)[0]
+    rows = {"real images": object_shares(real, keep)}
+    videos = {}
+    for name, stages in WAYS.items():
+        shares = []
         for seed in seeds:
-            def watch(x, k, t):
-                if t == 0 and k < cfg["K"] - 1:  # the first state of a stage that a jump started
-                    after_jump.append(block_share(x, jump_levels))
-            videos = sample.generate(net, captions, cfg, cfg["frames"], vae=vae, seed=seed, renoise=renoise,
-                                     progress=False, watch=watch)
-            rows.append(ex.score(videos, captions) | dict(end_share=block_share(videos, pixel_levels)))
-            videos0 = videos if videos0 is None else videos0
-        mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-        results["with corrective noise" if renoise else "without (renoise=False)"] = \
-            mean | dict(jump_share=float(np.mean(after_jump)), videos=videos0)
-    real = ex.real_clips(captions, videos0.shape[2], videos0.shape[-1])
-    return results, block_share(real, pixel_levels), pixel_levels
+            v = sample.generate(net, captions, cfg, 1, vae=vae, seed=seed, renoise=set(stages), progress=False)
+            shares.append(object_shares(v, keep))
+            videos.setdefault(name, v)
+        rows[name] = tuple(np.mean(shares, axis=0))
+    return rows, videos
 
 
 def main(argv):
-    path, opts, out = checkpoint(argv)
-    net, cfg, vae = sample.load(path)
-    if cfg["K"] < 2:
-        raise SystemExit(f"error: {path} has K = 1: no jump to renoise at")
-    if cfg["data"] != "shapes":
-        raise SystemExit(f"error: {path} was trained on {cfg['data']}; the scores here are for shapes")
-    captions = ex.captions_for(opts["captions"])
-    seeds = [int(s) for s in str(opts["seeds"]).split(",")]
-    results, real_share, pixel_levels = sample_both(net, cfg, vae, captions, seeds)
-    print(f"\n{path}: K = {cfg['K']}, {len(captions)} captions x {len(seeds)} seeds, sample steps "
-          f"{cfg['sample_steps']} / later frames {cfg['sample_steps_later']}")
-    ex.print_table(["sampling", *KEYS, "share after jump", "share at end"],
-                   [(n, *(r[k] for k in KEYS), r["jump_share"], r["end_share"]) for n, r in results.items()])
-    print(f"block share of real clips at the end's block size ({2 ** pixel_levels} px): {real_share:.3f}; "
-          f"after the jump: latents the model starts the stage from (0 = flat 2 x 2 blocks)")
-    ex.plot(os.path.join(out, "renoise.png"),
-            [("image", f"{n} (first | last frame)", ex.thumbnails(r["videos"])) for n, r in results.items()],
-            title="Fig. 10 analogue: the same checkpoint and seeds, with and without the corrective noise")
+    cfg, opts, quick = ex.parse(argv, OWN, SETTINGS, QUICK)
+    out = cfg.out_dir or os.path.join(ex.EXPERIMENTS_DIR, "renoise")
+    cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps if quick else opts["steps"])
+    captions, seeds = ex.captions_for(opts["captions"]), [int(s) for s in str(opts["seeds"]).split(",")]
+    results, pictures = {}, []
+    for keep, label in ((KEEP, "textured"), (1.0, "plain (control)")):
+        rows, videos = sample_ways(train_model(cfg, out, keep, quick), captions, seeds, keep)
+        results[label] = rows
+        pictures += [("image", f"{label}: {name}", ex.thumbnails(v)) for name, v in videos.items()]
+    table = [(label, name, *shares) for label, rows in results.items() for name, shares in rows.items()]
+    print(f"\nK = 3 in pixel space, {len(captions)} captions x {len(seeds)} seeds; share of the variation inside "
+          f"the object that lies within 2 px and 4 px blocks (0: flat blocks)")
+    ex.print_table(["data", "corrective noise at", "2 px share", "4 px share"], table)
+    ex.plot(os.path.join(out, "renoise.png"), pictures[:4] + pictures[4:6],
+            title="Fig. 10 analogue: the corrective noise at the jumps, textured shapes (and plain: control)")
+    tex = results["textured"]
+    ratio = tex["neither"][0] / max(tex["both jumps"][0], 1e-12)
+    verdict = "agrees" if ratio < MARGIN else "disagrees"
+    print(f"verdict: {verdict}: textured 2 px share without / with the corrective noise: {ratio:.3f} "
+          f"(real: {tex['real images'][0]:.3f})")
     return results
 
 
