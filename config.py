@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import dit
+import text_to_video
 import pyramid_flow as pf
 import vae
 from common import boolean, check_device, fail, is_master, key_values, read_checkpoint, wants_help
@@ -478,7 +479,7 @@ def dry_run(cfg, task_model):
         if cfg.task == "video":
             channels = vae.VAE_SIZES[cfg.vae_size].latent_channels if latent else 3
             net_cfg = dit_config(cfg, in_channels=channels)
-            model = dit.TextToVideo(net_cfg, toy_text=not features)
+            model = text_to_video.TextToVideo(net_cfg, toy_text=not features)
         else:
             model = task_model()
     n = sum(p.numel() for p in model.parameters())

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dit
+import text_to_video
 from common import fail, is_master, module_state, optimizer_state, read_checkpoint, save_torch
 
 # attention projections (q, k, v and output) and MLPs of both streams of every MM-DiT block
@@ -94,7 +94,7 @@ def weights_sha256(state: dict) -> str:
 def base_sha256(net: nn.Module) -> str:
     """weights_sha256 of a TextToVideo's own weights (a frozen pretrained text encoder set by
     sample.py for a features checkpoint is not part of them)."""
-    own = isinstance(net.text_encoder, dit.ToyTextEncoder)
+    own = isinstance(net.text_encoder, text_to_video.ToyTextEncoder)
     return weights_sha256({k: v for k, v in net.state_dict().items() if own or not k.startswith("text_encoder.")})
 
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import dit
+import text_to_video
 import lora
 import pyramid_flow as pf
 import text_encoders
@@ -59,7 +60,7 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     if ck.get("lora"):
         fail(f"{path} holds LoRA adapters: give their base as --ckpt ({ck['lora'].get('base')}) and it as --lora")
     features = ck.get("text_features", False)
-    net = build(path, "video checkpoint", lambda: dit.TextToVideo(dit.DiTConfig(**ck["dit_config"]),
+    net = build(path, "video checkpoint", lambda: text_to_video.TextToVideo(dit.DiTConfig(**ck["dit_config"]),
                                                                   toy_text=not features))
     state = build(path, "video checkpoint", lambda: ck["ema" if use_ema else "model"])
     load_weights(net, {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, path)
@@ -201,7 +202,7 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
         prefix = vae.normalize(vae.encode(given)) if vae is not None else given
 
     null = None
-    if negative_prompt or (net.text_encoder is not None and not isinstance(net.text_encoder, dit.ToyTextEncoder)):
+    if negative_prompt or (net.text_encoder is not None and not isinstance(net.text_encoder, text_to_video.ToyTextEncoder)):
         # the text encoder runs once; the negative prompt takes the null caption's place in CFG
         captions, null = net.encode_text(captions), net.encode_text([negative_prompt])
     grid = (h, w) if cfg.get("positions") == "interpolate" else None

@@ -1,6 +1,6 @@
 """
 The frozen, pretrained text encoders of the paper's recipe and of tests, behind the interface of
-dit.ToyTextEncoder: captions -> (tokens [B, L, text_dim], mask [B, L] bool, pooled [B, pooled_dim]).
+text_to_video.ToyTextEncoder: captions -> (tokens [B, L, text_dim], mask [B, L] bool, pooled [B, P]).
 
 - T5CLIPTextEncoder: App. B's T5-XXL tokens (128, masked) for the text stream and CLIP-L + CLIP-G
   pooled vectors (768 + 1280) for the modulation, as SD3 and the authors' release;

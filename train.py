@@ -44,6 +44,7 @@ from tqdm import tqdm
 import checkpoint
 import config
 import dit
+import text_to_video
 import feature_loader
 import lora
 import metrics
@@ -56,7 +57,7 @@ from common import (DataError, Interrupts, any_rank, autocast, build_sharded, ch
 from config import has_vae_phase, phase_data, run_dir, vae_phase
 from toy import data
 from toy.toy2d import Toy2D
-from toy.vae_task import VAETask
+from toy.vae_task import VAETask, train_vae_first
 
 # -----------------------------------------------------------------------------
 # Task: text-to-video with the spatial and temporal pyramids (Sec. 3)
@@ -163,7 +164,7 @@ class Video:
             fail(f"--frames={frames} {e}")
 
     def model(self):
-        return VideoLoss(dit.TextToVideo(self.dit_cfg), self.windows, self.cfg.prediction)
+        return VideoLoss(text_to_video.TextToVideo(self.dit_cfg), self.windows, self.cfg.prediction)
 
     @torch.no_grad()
     def encode(self, video):
@@ -288,7 +289,7 @@ class FeatureVideo(Video):
             fail("--sample_every on extracted features needs --text_encoder and --vae_ckpt (those that extracted them)")
 
     def model(self):
-        return VideoLoss(dit.TextToVideo(self.dit_cfg, toy_text=False), self.windows, self.cfg.prediction)
+        return VideoLoss(text_to_video.TextToVideo(self.dit_cfg, toy_text=False), self.windows, self.cfg.prediction)
 
     def stages(self, g):
         """The stage ratio inside the micro-batch when it holds a multiple of the ratio's sum, else
@@ -326,7 +327,7 @@ class FeatureVideo(Video):
         """The null caption's features where a caption drops out."""
         null = tuple(x.expand(len(drop), *x.shape[1:]) for x in self.null)
         # (real, null) of text, mask, pooled
-        pairs = [z.chunk(2) for z in dit.join_text(text, null)]
+        pairs = [z.chunk(2) for z in text_to_video.join_text(text, null)]
         return tuple(torch.where(drop.view(-1, *[1] * (r.dim() - 1)), n, r).to(device) for r, n in pairs)
 
     def extra(self):
@@ -409,29 +410,6 @@ def is_spike(loss, running_mean, factor):
     return factor > 0 and running_mean is not None and running_mean > 0 and loss > factor * running_mean
 
 
-def train_vae_first(cfg, quiet=False):
-    """Phase 1 of a latent video preset (vae_steps > 0), config.vae_phase's run. A vae.pt already
-    there is reused if it was trained the same way (or the run resumes: the checkpoint was trained
-    on it); --overwrite=true trains a new one; a run stopped in this phase resumes it with
-    --resume=true. Returns the video run's config with vae_ckpt pointing at it."""
-    vae_cfg = vae_phase(cfg)
-    vae_path = os.path.join(vae_cfg.out_dir, "vae.pt")
-    if cfg.resume and os.path.exists(os.path.join(run_dir(cfg), "ckpt.pt")):
-        if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
-            fail(f"--resume=true but the run's VAE {vae_path} is missing")
-        return dataclasses.replace(cfg, vae_ckpt=vae_path)
-    same = os.path.exists(vae_path) and not cfg.overwrite and \
-        read_checkpoint(vae_path, "causal-vae", "VAE checkpoint").get("recipe") == config.vae_recipe(vae_cfg)
-    if same:
-        if not quiet and is_master():
-            print(f"using the VAE of an earlier run of this preset, trained the same way: {vae_path}")
-    else:  # stopped in the VAE phase: --resume=true continues it
-        resume = cfg.resume and os.path.exists(os.path.join(vae_cfg.out_dir, "ckpt.pt"))
-        train(dataclasses.replace(vae_cfg, resume=resume), quiet)
-    # no video checkpoint yet: it starts
-    return dataclasses.replace(cfg, vae_ckpt=vae_path, resume=False)
-
-
 def train(cfg, quiet=False, on_step=None):
     """Run one training job; returns (losses, model): the all-reduced loss of every optimizer step
     since the start of the run (resumed runs included) and the trained module (not the EMA).
@@ -452,7 +430,7 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if has_vae_phase(cfg):
-        cfg = train_vae_first(cfg, quiet)
+        cfg = train_vae_first(cfg, train, quiet)
     ddp, rank, world, device = setup_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, grad_accum=config.accumulation(cfg, world))
     master = rank == 0

@@ -10,6 +10,7 @@ import torch
 
 import config
 import dit
+import text_to_video
 import pyramid_flow as pf
 import sample
 import train
@@ -24,7 +25,7 @@ def make_net(seed=0, **overrides):
     """A tiny TextToVideo with every weight perturbed, so the zero-init of adaLN-Zero and the final
     layer does not hide what the cache could get wrong."""
     torch.manual_seed(seed)
-    net = dit.TextToVideo(dataclasses.replace(TINY, **overrides), vocab_size=64, max_len=8).eval()
+    net = text_to_video.TextToVideo(dataclasses.replace(TINY, **overrides), vocab_size=64, max_len=8).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -19,7 +19,7 @@ from PIL import Image
 
 import common
 import config
-import dit
+import text_to_video
 import text_encoders
 import train
 import vae
@@ -67,7 +67,7 @@ def grey_index(clip):
 
 def models(text_dim=TEXT_DIM, seed=0):
     torch.manual_seed(seed)
-    text = dit.ToyTextEncoder(text_dim, POOLED_DIM).requires_grad_(False)
+    text = text_to_video.ToyTextEncoder(text_dim, POOLED_DIM).requires_grad_(False)
     text.text_dim, text.pooled_dim = text_dim, POOLED_DIM      # as text_encoders' encoders say them
     return vae.CausalVAE(vae.VAE_SIZES["toy"]).eval().requires_grad_(False), text
 

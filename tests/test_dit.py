@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from dit import SIZES, DiTConfig, MMDiT, ToyTextEncoder, block_causal_mask, spatial_positions
+from dit import SIZES, DiTConfig, MMDiT, block_causal_mask, spatial_positions
+from text_to_video import ToyTextEncoder
 
 TINY = DiTConfig(in_channels=4, patch_size=2, width=32, depth=3, heads=2, text_dim=12, pooled_dim=10)
 B, L = 2, 5

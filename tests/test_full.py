@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import config
 import dit
+import text_to_video
 import sample
 import text_encoders
 import train
@@ -32,7 +33,7 @@ CAPTIONS = ["a red ball rolls", "waves on a beach", "a city at night", "a dog ru
 def tiny_text_encoder(spec, dtype=None):
     """The stand-in for text_encoders.load_text_encoder: a frozen, seeded ToyTextEncoder (same weights on every call)."""
     torch.manual_seed(7)
-    encoder = dit.ToyTextEncoder(TEXT_DIM, POOLED_DIM).requires_grad_(False).eval()
+    encoder = text_to_video.ToyTextEncoder(TEXT_DIM, POOLED_DIM).requires_grad_(False).eval()
     encoder.text_dim, encoder.pooled_dim = TEXT_DIM, POOLED_DIM
     return encoder
 
@@ -142,14 +143,14 @@ def test_global_batch_is_reached_by_accumulation_or_refused():
 
 def test_text_features_give_what_the_toy_encoder_gives():
     torch.manual_seed(0)
-    net = dit.TextToVideo(dataclasses.replace(dit.SIZES["toy"], width=32, depth=1, heads=2)).eval()
+    net = text_to_video.TextToVideo(dataclasses.replace(dit.SIZES["toy"], width=32, depth=1, heads=2)).eval()
     frames = [torch.randn(2, 3, 8, 8)]
     t, captions = torch.rand(2), ["a red circle", "a blue square moving up"]
     feats = net.text_encoder(captions)
     assert torch.equal(net(frames, captions, t), net(frames, feats, t))
     null = net.text_encoder([""])
     assert torch.allclose(net.guided(frames, captions, t, 3.0), net.guided(frames, feats, t, 3.0, null=null), atol=1e-6)
-    bare = dit.TextToVideo(net.dit.cfg, toy_text=False)
+    bare = text_to_video.TextToVideo(net.dit.cfg, toy_text=False)
     assert bare.text_encoder is None and not any(k.startswith("text_encoder") for k in bare.state_dict())
     with pytest.raises(ValueError, match="text features"):
         bare(frames, captions, t)
@@ -297,8 +298,8 @@ def test_sample_py_generates_from_a_full_checkpoint(tmp_path, extracted, monkeyp
     import imageio.v2 as imageio
     assert imageio.mimread(out)[0].shape[:2] == (64, 128)
     net, _, _ = sample.load(ckpt, text_encoder="tiny")
-    assert isinstance(net.text_encoder, dit.ToyTextEncoder) and not net.text_encoder.training
-    other = dit.ToyTextEncoder(5, 5)
+    assert isinstance(net.text_encoder, text_to_video.ToyTextEncoder) and not net.text_encoder.training
+    other = text_to_video.ToyTextEncoder(5, 5)
     other.text_dim = other.pooled_dim = 5
     monkeypatch.setattr(text_encoders, "load_text_encoder", lambda spec, dtype=None: other)
     with pytest.raises(SystemExit, match="was trained on 12 and 8"):

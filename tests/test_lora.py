@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import config
 import dit
+import text_to_video
 import lora
 import sample
 import train
@@ -21,7 +22,7 @@ CFG = dataclasses.replace(dit.SIZES["toy"], width=32, depth=2, heads=2, text_dim
 
 def net_and_inputs(seed=0):
     torch.manual_seed(seed)
-    net = dit.TextToVideo(CFG, vocab_size=64, max_len=8)
+    net = text_to_video.TextToVideo(CFG, vocab_size=64, max_len=8)
     with torch.no_grad():  # a "trained" base: no zero-initialised gate or output layer
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)

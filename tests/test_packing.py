@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 import dit
+import text_to_video
 import pyramid_flow as pf
 import train
 
@@ -19,7 +20,7 @@ TOL = 1e-5
 def model(**kw):
     torch.manual_seed(0)
     cfg = dataclasses.replace(dit.SIZES["toy"], width=64, heads=2, depth=3, in_channels=4, **kw)
-    net = dit.TextToVideo(cfg)
+    net = text_to_video.TextToVideo(cfg)
     # adaLN-Zero starts as the identity: random modulation makes every path count
     with torch.no_grad():
         for p in net.parameters():

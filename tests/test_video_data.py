@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import dit
+import text_to_video
 import vae
 import video_data as vd
 
@@ -59,7 +59,7 @@ def entry(media, name):
 def models():
     torch.manual_seed(0)
     return (vae.CausalVAE(vae.VAE_SIZES["toy"]).eval().requires_grad_(False),
-            dit.ToyTextEncoder(TEXT_DIM, POOLED_DIM).requires_grad_(False))
+            text_to_video.ToyTextEncoder(TEXT_DIM, POOLED_DIM).requires_grad_(False))
 
 
 def test_load_entries_jsonl_and_folder(media, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_extract_resumes_skipping_existing_outputs(media, tmp_path):
 KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
-import dit, vae, video_data as vd
+import text_to_video, vae, video_data as vd
 torch.manual_seed(0)
 model = vae.CausalVAE(vae.VAE_SIZES["toy"]).eval().requires_grad_(False)
 encode = model.encode
@@ -214,7 +214,7 @@ def slow(x, **kw):
     time.sleep(0.5)              # time for the test to kill it between two clips
     return encode(x, **kw)
 model.encode = slow
-vd.extract(vd.load_entries({ann!r}), {out!r}, model, dit.ToyTextEncoder({td}, {pd}), {size}, {size}, {frames},
+vd.extract(vd.load_entries({ann!r}), {out!r}, model, text_to_video.ToyTextEncoder({td}, {pd}), {size}, {size}, {frames},
            progress=False)
 """
 

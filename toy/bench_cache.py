@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dit  # noqa: E402
+import text_to_video  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
 
@@ -113,7 +114,7 @@ def main(argv):
     cfg = dataclasses.replace(dit.SIZES[s["size"]], in_channels=s["channels"], width=s["width"], heads=s["heads"],
                               depth=s["depth"], per_frame_attention=True)
     torch.manual_seed(0)
-    net = dit.TextToVideo(cfg, max_len=TEXT_TOKENS).eval()
+    net = text_to_video.TextToVideo(cfg, max_len=TEXT_TOKENS).eval()
     with torch.no_grad():  # off adaLN-Zero's identity, so the max |diff| column checks something
         for p in net.parameters():
             p.add_(WEIGHT_NOISE * torch.randn_like(p))

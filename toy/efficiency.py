@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import dit  # noqa: E402
+import text_to_video  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import train  # noqa: E402
 import vae  # noqa: E402
@@ -114,7 +115,7 @@ def time_pair(fa, fb, repeats):
 def sampling_ratio(s):
     """(a): seconds of pf.sample for the K = 3 pyramid and the single stage, same model calls."""
     torch.manual_seed(0)
-    net = dit.TextToVideo(dit.DiTConfig(in_channels=s["channels"], patch_size=1, width=s["width"], depth=s["depth"],
+    net = text_to_video.TextToVideo(dit.DiTConfig(in_channels=s["channels"], patch_size=1, width=s["width"], depth=s["depth"],
                                         heads=s["heads"], text_dim=128, pooled_dim=128)).eval()
     captions = ["a red circle moving left"] * s["batch"]
     shape = (s["batch"], s["channels"], s["side"], s["side"])
@@ -160,12 +161,12 @@ def spatial_training_ratio(s):
                             text_dim=128, pooled_dim=128)
     latents = torch.randn(B, 4, 1, side, side, generator=g)   # [B, C, T, h, w]: images
     captions = ex.captions_for(B)
-    text = [len(dit.ToyTextEncoder(1, 1).tokenize(c)) for c in captions]
+    text = [len(text_to_video.ToyTextEncoder(1, 1).tokenize(c)) for c in captions]
 
     def arm(K):
         windows, per = pf.stage_windows(K), B // K
         torch.manual_seed(0)
-        loss_fn = train.VideoLoss(dit.TextToVideo(net_cfg), windows)
+        loss_fn = train.VideoLoss(text_to_video.TextToVideo(net_cfg), windows)
         opt = torch.optim.AdamW(loss_fn.parameters(), lr=1e-4)
         # stage k takes images k*per .. (k+1)*per - 1
         sequences = [(text[j], (side >> k) ** 2 // 4) for k in range(K) for j in range(k * per, (k + 1) * per)]

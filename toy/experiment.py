@@ -28,7 +28,7 @@ import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 import vae as vae_module  # noqa: E402
-from toy import data, evaluate  # noqa: E402
+from toy import data, evaluate, vae_task  # noqa: E402
 
 # the shared VAE in vae/, each script in its folder
 EXPERIMENTS_DIR = os.path.join("out", "experiments")
@@ -92,13 +92,13 @@ def setup(argv, name, own, script_defaults, quick_defaults):
 
 
 def with_vae(cfg, vae_home, quiet=False):
-    """cfg on the latents of the tiny recipe's VAE, trained once in vae_home/vae (train.train_vae_first
+    """cfg on the latents of the tiny recipe's VAE, trained once in vae_home/vae (vae_task.train_vae_first
     reuses a vae.pt trained the same way; with no --out_dir every experiment shares
     out/experiments/vae); pixel-space settings (vae_steps=0) and a given --vae_ckpt pass through."""
     if cfg.vae_ckpt or cfg.vae_steps == 0:
         return cfg
     home = dataclasses.replace(cfg, out_dir=vae_home, resume=False, overwrite=False)
-    return dataclasses.replace(cfg, vae_ckpt=train.train_vae_first(home, quiet).vae_ckpt)
+    return dataclasses.replace(cfg, vae_ckpt=vae_task.train_vae_first(home, train.train, quiet).vae_ckpt)
 
 
 def load_vae(cfg):

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import dit  # noqa: E402
+import text_to_video  # noqa: E402
 import metrics  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
@@ -64,7 +65,7 @@ def paper_mfu(iters, peak):
     """(MFU, seconds a sample) of the paper's MM-DiT on phase 3's longest sample, bf16."""
     cfg = dataclasses.replace(dit.SIZES["paper"], grad_checkpointing=True)
     with torch.device("cuda"):  # built on the GPU: a 2B model's initialisation on the CPU takes minutes
-        net = dit.TextToVideo(cfg, toy_text=False)
+        net = text_to_video.TextToVideo(cfg, toy_text=False)
     h, w, T, L = PHASE3["h"], PHASE3["w"], PHASE3["frames"], PHASE3["text"]
     levels = pf.history_levels(T - 1, 0, 3) + [0]  # the history pyramid (Eq. 16), then frame 31 at stage 0
     frames = [torch.randn(1, cfg.in_channels, h >> lv, w >> lv, device="cuda") for lv in levels]
@@ -106,7 +107,7 @@ def toy_model(in_channels=3, width=64, depth=2, heads=2, **changes):
     torch.manual_seed(0)
     cfg = dataclasses.replace(dit.SIZES["toy"], in_channels=in_channels, width=width, depth=depth, heads=heads,
                               **changes)
-    net = dit.TextToVideo(cfg).eval()
+    net = text_to_video.TextToVideo(cfg).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))

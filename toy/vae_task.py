@@ -12,7 +12,8 @@ import torch
 
 import config
 import vae
-from common import fail, save_torch
+from common import fail, is_master, read_checkpoint, save_torch
+from config import run_dir, vae_phase
 from toy import data, evaluate
 
 
@@ -71,3 +72,26 @@ class VAETask:
         if scores:
             print("reconstructions of the 48 captions score (toy/evaluate.py, the clips score 1.0): "
                   + ", ".join(f"{k} {val:.3f}" for k, val in scores.items()))
+
+
+def train_vae_first(cfg, train, quiet=False):
+    """Phase 1 of a latent video preset (vae_steps > 0), config.vae_phase's run. A vae.pt already
+    there is reused if it was trained the same way (or the run resumes: the checkpoint was trained
+    on it); --overwrite=true trains a new one; a run stopped in this phase resumes it with
+    --resume=true. train: train.train. Returns the video run's config with vae_ckpt pointing at it."""
+    vae_cfg = vae_phase(cfg)
+    vae_path = os.path.join(vae_cfg.out_dir, "vae.pt")
+    if cfg.resume and os.path.exists(os.path.join(run_dir(cfg), "ckpt.pt")):
+        if not os.path.exists(vae_path):  # the video model was trained on that VAE's latents
+            fail(f"--resume=true but the run's VAE {vae_path} is missing")
+        return dataclasses.replace(cfg, vae_ckpt=vae_path)
+    same = os.path.exists(vae_path) and not cfg.overwrite and \
+        read_checkpoint(vae_path, "causal-vae", "VAE checkpoint").get("recipe") == config.vae_recipe(vae_cfg)
+    if same:
+        if not quiet and is_master():
+            print(f"using the VAE of an earlier run of this preset, trained the same way: {vae_path}")
+    else:  # stopped in the VAE phase: --resume=true continues it
+        resume = cfg.resume and os.path.exists(os.path.join(vae_cfg.out_dir, "ckpt.pt"))
+        train(dataclasses.replace(vae_cfg, resume=resume), quiet)
+    # no video checkpoint yet: it starts
+    return dataclasses.replace(cfg, vae_ckpt=vae_path, resume=False)
