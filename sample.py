@@ -202,7 +202,8 @@ def generate(net, captions, cfg, frames, vae=None, seed=0, prefix=None, steps=No
         prefix = vae.normalize(vae.encode(given)) if vae is not None else given
 
     null = None
-    if negative_prompt or (net.text_encoder is not None and not isinstance(net.text_encoder, text_to_video.ToyTextEncoder)):
+    frozen = net.text_encoder is not None and not isinstance(net.text_encoder, text_to_video.ToyTextEncoder)
+    if negative_prompt or frozen:
         # the text encoder runs once; the negative prompt takes the null caption's place in CFG
         captions, null = net.encode_text(captions), net.encode_text([negative_prompt])
     grid = (h, w) if cfg.get("positions") == "interpolate" else None
