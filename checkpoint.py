@@ -83,16 +83,23 @@ def load_sharded(path, index, model, ema, opt=None):
 
 
 def save(path, model, ema, opt, fsdp, index, alone=False):
-    """Every rank: a run's checkpoint, sharded under FSDP, else one file from rank 0 (the others
-    wait for it: a preempted job exits only once the file is whole). alone=True (not FSDP): this
-    rank writes it by itself, no collective (a data error that only this rank met)."""
+    """Every rank: a run's checkpoint, sharded under FSDP, else one file (save_file)."""
     if fsdp:
         return save_sharded(path, model, ema, opt, index)
-    weights = dict(model=module_state(model, False), ema=module_state(ema, False),
-                   optimizer=optimizer_state(model, opt, False))
+    save_file(path, model, ema, opt, False, index, alone)
+
+
+def save_file(path, model, ema, opt, fsdp, index, alone=False, pack=None):
+    """Every rank: a run's checkpoint as one file (gathered under FSDP: every rank takes part) from
+    rank 0; the others wait for it (a preempted job exits only once the file is whole). alone=True
+    (not FSDP): this rank writes it by itself, no collective (a data error that only this rank met).
+    pack(weights): what of the weights is stored (a LoRA run: its adapters, lora.adapter_checkpoint)."""
+    weights = dict(model=module_state(model, fsdp), ema=module_state(ema, fsdp),
+                   optimizer=optimizer_state(model, opt, fsdp))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if alone or rank == 0:
-        save_torch(path, dict(index, **weights), rank)  # a rank's own temporary file
+        # a rank's own temporary file
+        save_torch(path, dict(index, **(pack(weights) if pack else weights)), rank)
         _remove_shards(os.path.dirname(path))  # a run that was sharded before
     if not alone:
         _barrier()

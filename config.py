@@ -21,7 +21,7 @@ import dit
 import text_to_video
 import pyramid_flow as pf
 import vae
-from common import boolean, check_device, fail, is_master, key_values, read_checkpoint, wants_help
+from common import boolean, check_device, fail, int_list, is_master, key_values, read_checkpoint, wants_help
 
 # and "extract", which trains nothing (video_data.extract_run)
 TASK_NAMES = ("toy2d", "vae", "video")
@@ -522,7 +522,7 @@ def step_flops(cfg, net_cfg, thw, text, world, accum):
     the AR positions of the longest clips (uniform) and the images, times the global batch."""
     import metrics
     (h, w, T), p, K = thw, net_cfg.patch_size, cfg.K
-    ratio = [int(r) for r in cfg.stage_ratio.split(",")]  # lowest resolution first
+    ratio = int_list("stage_ratio", cfg.stage_ratio, K)  # lowest resolution first
 
     def sample(frames, k):  # the last of `frames` latent frames at stage k
         video = pf.pyramid_tokens(h, w, frames, k, K, p)
@@ -530,10 +530,11 @@ def step_flops(cfg, net_cfg, thw, text, world, accum):
     mean = sum(r * ((1 - cfg.image_ratio) * sum(sample(i + 1, K - 1 - j) for i in range(T)) / T
                     + cfg.image_ratio * sample(1, K - 1 - j)) for j, r in enumerate(ratio)) / sum(ratio)
     batch = cfg.batch_size * world * accum
-    seconds = batch * mean / world / (ASSUMED_MFU * metrics.PEAK_BF16_TFLOPS["H100"] * 1e12)
+    peak = metrics.PEAK_BF16_TFLOPS["H100"]
+    seconds = batch * mean / world / (ASSUMED_MFU * peak * 1e12)
     print(f"model FLOPs per step: {batch * mean:.3g} = {batch} samples x {mean:.3g} (mean over the stage ratio, "
           f"AR positions of {T}-latent-frame clips and {cfg.image_ratio:.1%} images; metrics.py)")
-    print(f"  at {ASSUMED_MFU:.0%} MFU of H100s (989 TFLOP/s bf16): ~{seconds:.3g} s a step on {world} GPU(s), "
+    print(f"  at {ASSUMED_MFU:.0%} MFU of H100s ({peak:.0f} TFLOP/s bf16): ~{seconds:.3g} s a step on {world} GPU(s), "
           f"~{seconds * cfg.max_steps / 86400:.3g} days for {cfg.max_steps:,} steps (an assumed MFU, not measured)")
 
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import text_to_video
-from common import fail, is_master, module_state, optimizer_state, read_checkpoint, save_torch
+from common import fail, is_master, read_checkpoint, save_torch
 
 # attention projections (q, k, v and output) and MLPs of both streams of every MM-DiT block
 DEFAULT_MODULES = "qkv,proj,mlp"
@@ -50,6 +50,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]: starts as the base
 
     def forward(self, x):
+        # x [..., in] -> A: [..., r] -> B: [..., out], added to the frozen W x + b, scaled by alpha / r
         return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
@@ -189,13 +190,3 @@ def write_merged(out: str, base: str, net: nn.Module, applied: list) -> None:
     keep = {k: v for k, v in ck.items() if k not in ("model", "ema", "optimizer", "lora")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_torch(out, dict(keep, model=state, ema=state, merged=dict(base=base, adapters=applied)))
-
-
-def save(path, model, ema, opt, fsdp, index, record, alone=False):
-    """train.py's checkpoint of a LoRA run, on every rank: the adapters, their EMA and AdamW states
-    and the base's record in one small file (gathered under FSDP: every rank takes part), written by
-    rank 0, or by this rank alone (a data error only it met)."""
-    weights = dict(model=module_state(model, fsdp), ema=module_state(ema, fsdp),
-                   optimizer=optimizer_state(model, opt, fsdp))
-    if alone or is_master():
-        save_torch(path, index | adapter_checkpoint(weights, record), int(os.environ.get("RANK", 0)))

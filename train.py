@@ -496,7 +496,8 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
                          loss_mean=loss_mean, history=history, data=data_at, world=world,
                          rng=dict(torch=torch.get_rng_state()), **task.extra())
             if cfg.lora_rank:  # one small file: the adapters and which base they adapt
-                lora.save(ckpt_path, model, ema, opt, cfg.fsdp, index, lora_record, alone)
+                checkpoint.save_file(ckpt_path, model, ema, opt, cfg.fsdp, index, alone,
+                                     lambda weights: lora.adapter_checkpoint(weights, lora_record))
             else:
                 checkpoint.save(ckpt_path, model, ema, opt, cfg.fsdp, index, alone=alone)
             saved = step
@@ -567,10 +568,10 @@ def train_locked(cfg, quiet, interrupts, on_step=None, task=None):
         bar.update(1)
         if on_step is not None:
             on_step(step, ema)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            # FSDP: a DTensor, whose value is a collective
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        if log_now:  # FSDP: a DTensor, whose value is a collective (every rank reads it)
             norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if master and log_now:
             record = meter.log(step, dict(loss=total, loss_mean=loss_mean, **logs_sum, grad_norm=norm, lr=lr,
                                           skipped=skip), device)
             extra = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items())

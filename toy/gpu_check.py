@@ -27,11 +27,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import dit  # noqa: E402
-import text_to_video  # noqa: E402
 import metrics  # noqa: E402
 import pyramid_flow as pf  # noqa: E402
 import sample  # noqa: E402
-from common import key_values, number  # noqa: E402
+import text_to_video  # noqa: E402
+from common import autocast, key_values, number  # noqa: E402
+
+DEVICE = "cuda"  # what this check is for: it refuses to run without one (main)
 
 DEFAULTS = dict(mfu_iters=5, steps=10, fp32_tolerance=1e-3, bf16_tolerance=0.05)
 USAGE = "python toy/gpu_check.py [--mfu_iters=5] [--steps=10] [--fp32_tolerance=1e-3] [--bf16_tolerance=0.05]"
@@ -64,18 +66,18 @@ def seconds(fn, iters):
 def paper_mfu(iters, peak):
     """(MFU, seconds a sample) of the paper's MM-DiT on phase 3's longest sample, bf16."""
     cfg = dataclasses.replace(dit.SIZES["paper"], grad_checkpointing=True)
-    with torch.device("cuda"):  # built on the GPU: a 2B model's initialisation on the CPU takes minutes
+    with torch.device(DEVICE):  # built on the GPU: a 2B model's initialisation on the CPU takes minutes
         net = text_to_video.TextToVideo(cfg, toy_text=False)
     h, w, T, L = PHASE3["h"], PHASE3["w"], PHASE3["frames"], PHASE3["text"]
     levels = pf.history_levels(T - 1, 0, 3) + [0]  # the history pyramid (Eq. 16), then frame 31 at stage 0
-    frames = [torch.randn(1, cfg.in_channels, h >> lv, w >> lv, device="cuda") for lv in levels]
+    frames = [torch.randn(1, cfg.in_channels, h >> lv, w >> lv, device=DEVICE) for lv in levels]
     video = sum((f.shape[-2] // 2) * (f.shape[-1] // 2) for f in frames)
-    text = (torch.randn(1, L, cfg.text_dim, device="cuda"), torch.ones(1, L, dtype=torch.bool, device="cuda"),
-            torch.randn(1, cfg.pooled_dim, device="cuda"))
-    t = torch.full((1,), 0.7, device="cuda")
+    text = (torch.randn(1, L, cfg.text_dim, device=DEVICE), torch.ones(1, L, dtype=torch.bool, device=DEVICE),
+            torch.randn(1, cfg.pooled_dim, device=DEVICE))
+    t = torch.full((1,), 0.7, device=DEVICE)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(DEVICE):  # bf16, the project's one mixed-precision context
             v = net(frames, text, t)
         v.float().square().mean().backward()
     s = seconds(step, iters)
@@ -123,23 +125,23 @@ def cuda_against_cpu():
     net = toy_model(patch_size=4)
     with torch.no_grad():
         cpu = sample.generate(net, captions, cfg, 4, seed=3, device="cpu", progress=False)
-        net.cuda()
-        fp32 = sample.generate(net, captions, cfg, 4, seed=3, device="cuda", progress=False).cpu()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            bf16 = sample.generate(net, captions, cfg, 4, seed=3, device="cuda", progress=False).float().cpu()
+        net.to(DEVICE)
+        fp32 = sample.generate(net, captions, cfg, 4, seed=3, device=DEVICE, progress=False).cpu()
+        with autocast(DEVICE):  # bf16, the project's one mixed-precision context
+            bf16 = sample.generate(net, captions, cfg, 4, seed=3, device=DEVICE, progress=False).float().cpu()
     return (fp32 - cpu).abs().max().item(), (bf16 - cpu).abs().mean().item()
 
 
 def cache_ratio(frames=16):
     """Sampling time with the history cache over without, at `frames` latent frames (bench_cache's model)."""
-    net = toy_model(in_channels=16, width=768, depth=3, heads=12, per_frame_attention=True).cuda()
+    net = toy_model(in_channels=16, width=768, depth=3, heads=12, per_frame_attention=True).to(DEVICE)
     cfg = dict(dataclasses.asdict(config.Config()), K=3, size=16, sample_steps="20,20,20",
                sample_steps_later="10,10,10", guidance=5.0, video_guidance=5.0)
     captions = [" ".join(f"word{j}" for j in range(32))]
     times = {}
     with torch.no_grad():
         for cache in (False, True):
-            times[cache] = seconds(lambda: sample.generate(net, captions, cfg, frames, seed=0, device="cuda",
+            times[cache] = seconds(lambda: sample.generate(net, captions, cfg, frames, seed=0, device=DEVICE,
                                                            progress=False, cache=cache), 1)
     return times[True] / times[False], times
 
@@ -149,7 +151,7 @@ def main(argv):
     if not torch.cuda.is_available():
         raise SystemExit(f"error: toy/gpu_check.py needs a CUDA GPU; torch {torch.__version__} sees none here")
     start, name = time.time(), torch.cuda.get_device_name()
-    peak = metrics.peak_tflops("cuda")
+    peak = metrics.peak_tflops(DEVICE)
     if peak is None:
         raise SystemExit(f"error: the bf16 peak of {name} is unknown; add it to metrics.PEAK_BF16_TFLOPS")
     print(f"{name}, bf16 peak {peak:.0f} TFLOP/s, torch {torch.__version__}")
