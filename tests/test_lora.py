@@ -174,3 +174,28 @@ def test_default_colours_draw_the_same_clips_and_cyan_is_scored_when_asked():
     assert evaluate.score_shapes(video, captions, data.ALL_COLOURS)["colour"] == 1.0
     assert evaluate.score_shapes(video, captions)["colour"] == 0.0  # the default palette has no cyan
     assert len(caps) == 12 and caps[0] == "a cyan circle moving left"
+
+
+def test_teaching_the_vae_cyan_leaves_the_shipped_one_and_holds_the_known_latents():
+    """toy/lora.py's teach_vae: a frozen copy comes back, the VAE given is untouched, and the
+    anchor holds the known colours' latents (a few steps move them far less than cyan's loss alone)."""
+    from common import load_vae
+    from toy import lora as toy_lora
+    shipped = load_vae(config.QUICK_START_VAE)
+    before = {k: v.clone() for k, v in shipped.state_dict().items()}
+    known, _ = data.shapes_batch(8, frames=5, size=16, generator=3)
+
+    def moved(anchor):
+        toy_lora.ANCHOR = anchor
+        torch.manual_seed(0)
+        taught = toy_lora.teach_vae(shipped, steps=3, size=16, frames=5, batch=4, lr=1e-3)
+        assert not any(p.requires_grad for p in taught.parameters()) and not taught.training
+        with torch.no_grad():
+            return (taught.encode(known) - shipped.encode(known)).square().mean().item()
+    anchor = toy_lora.ANCHOR
+    try:
+        held, free = moved(anchor), moved(0.0)
+    finally:
+        toy_lora.ANCHOR = anchor
+    assert all(torch.equal(v, before[k]) for k, v in shipped.state_dict().items())
+    assert held < free

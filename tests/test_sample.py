@@ -193,3 +193,18 @@ def test_size_diagnosis_prints_a_row_per_frame_and_the_decoder_tolerance(latent_
     assert [float(line.split()[0]) for line in tolerance] == [0.0, 0.5]
     with pytest.raises(SystemExit, match="--seeds wants integers"):
         diagnose_size.main([f"--ckpt={latent_ckpt}", "--seeds=a"])
+
+
+def test_a_toy_checkpoint_decodes_with_another_vae_of_its_shape(latent_ckpt, tmp_path):
+    """--vae_ckpt replaces the VAE a toy checkpoint holds (toy/lora.py's VAE taught cyan); another shape is refused."""
+    import vae as vae_module
+    shipped = common.load_vae(config.QUICK_START_VAE)
+    _, _, own = sample.load(latent_ckpt)
+    _, _, other = sample.load(latent_ckpt, vae_ckpt=config.QUICK_START_VAE)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), shipped.state_dict().values()))
+    assert not torch.equal(own.last_layer, other.last_layer)
+    wider = dataclasses.replace(shipped.cfg, latent_channels=shipped.cfg.latent_channels + 1)
+    common.save_torch(str(tmp_path / "wider.pt"), dict(kind="causal-vae", config=dataclasses.asdict(wider),
+                                                       model=vae_module.CausalVAE(wider).state_dict()))
+    with pytest.raises(SystemExit, match="not shaped as"):
+        sample.load(latent_ckpt, vae_ckpt=str(tmp_path / "wider.pt"))
