@@ -169,8 +169,29 @@ class Packing:
     """Groups of sequences, each [b_g, L_g + N_g] with its own text length, frames and layout, packed
     into one [1, L_all] text stream and one [1, N_all] video stream, group by group, so that a
     training step with one group per stage makes one pass of the network (MMDiT.packed).
-    groups: (b_g, L_g, N_g, rope, mask, block_ends) each, the layout of one of its sequences."""
+    Attention reads them in the joint order: every sequence's [text | video] in a row.
+    groups: (b_g, S_g, mask, block_ends) each, the layout of one of its sequences (S_g = L_g + N_g);
+    order [S_all]: the joint order as indices into [text stream | video stream], inverse its inverse;
+    rope [S_all, head_dim/2]: the angles in the joint order; text: L_all."""
     groups: list
+    order: torch.Tensor
+    inverse: torch.Tensor
+    rope: torch.Tensor
+    text: int
+
+    @staticmethod
+    def make(sizes, layouts, device=None):
+        """sizes (b_g, L_g, N_g) and layouts (rope, mask, block_ends) of the groups -> their Packing."""
+        L_all, order, rope, t0, v0 = sum(b * L for b, L, _ in sizes), [], [], 0, 0
+        for (b, L, N), (group_rope, _, _) in zip(sizes, layouts):
+            text = t0 + torch.arange(b * L, device=device).view(b, L)            # [b, L]
+            video = L_all + v0 + torch.arange(b * N, device=device).view(b, N)   # [b, N]
+            order.append(torch.cat([text, video], dim=1).flatten())
+            rope.append(group_rope.repeat(b, 1))                                  # [b (L + N), head_dim/2]
+            t0, v0 = t0 + b * L, v0 + b * N
+        order = torch.cat(order)
+        groups = [(b, L + N, mask, ends) for (b, L, N), (_, mask, ends) in zip(sizes, layouts)]
+        return Packing(groups, order, torch.argsort(order), torch.cat(rope), L_all)
 
 
 def attention(q, k, v, mask, manual: bool = False, block_ends: list[int] | None = None) -> torch.Tensor:
@@ -202,15 +223,17 @@ def joint_attention(txt, img, rope, mask, manual=False, block_ends=None, cache=N
     Packing (B = 1): each group's sequences then attend within themselves with their own layout,
     the block-diagonal mask of the packed sequence, its off-diagonal blocks never computed."""
     if isinstance(mask, Packing):
-        outs, t0, v0 = [], 0, 0
-        for b, L, N, group_rope, group_mask, ends in mask.groups:
-            # 3 x [b, H, L, head_dim] and 3 x [b, H, N, head_dim]: the group's sequences
-            t = [rearrange(x[:, :, t0:t0 + b * L], "1 h (b l) d -> b h l d", b=b) for x in txt]
-            i = [rearrange(x[:, :, v0:v0 + b * N], "1 h (b n) d -> b h n d", b=b) for x in img]
-            outs.append(joint_attention(t, i, group_rope, group_mask, manual, ends))
-            t0, v0 = t0 + b * L, v0 + b * N
-        # [1, L_all, D] and [1, N_all, D]
-        return tuple(torch.cat([o[j].flatten(0, 1)[None] for o in outs], dim=1) for j in (0, 1))
+        p = mask
+        # [1, H, S_all, head_dim] each, in the joint order; RoPE once for all groups
+        q, k, v = (torch.cat(pair, dim=2).index_select(2, p.order) for pair in zip(txt, img))
+        q, k = apply_rope(q, p.rope), apply_rope(k, p.rope)
+        outs, lengths = [], [b * S for b, S, _, _ in p.groups]
+        for (b, _, group_mask, ends), *qkv in zip(p.groups, *(x.split(lengths, dim=2) for x in (q, k, v))):
+            # 3 x [b, H, S_g, head_dim]: the group's sequences
+            gq, gk, gv = (rearrange(x, "1 h (b s) d -> b h s d", b=b) for x in qkv)
+            outs.append(rearrange(attention(gq, gk, gv, group_mask, manual, ends), "b h s d -> 1 (b s) (h d)"))
+        out = torch.cat(outs, dim=1).index_select(1, p.inverse)  # [1, L_all + N_all, D]: the streams' order
+        return out.split([p.text, out.shape[1] - p.text], dim=1)
     L = txt[0].shape[2]
     q, k, v = (torch.cat(pair, dim=2) for pair in zip(txt, img))              # [B, H, S, head_dim]
     q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -511,7 +534,7 @@ class MMDiT(nn.Module):
         D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
         # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
         txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
-        packing = Packing([(b, L, N, *x["layout"]) for x, (b, L, N) in zip(xs, sizes)])
+        packing = Packing.make(sizes, [x["layout"] for x in xs], img.device)
         # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
         first = accumulate([0] + [2 * b for b, _, _ in sizes])
         clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]

@@ -17,13 +17,14 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
        (K = 3, stages 1:2:1, a random AR position per group) over the full sequence
        (--full_sequence) on 16-frame pixel clips of 32 x 32 (patch 2: 256 tokens a frame,
        4,096 for the clip), both video only, from a data set made once;
-   (c) training step time (the groups, VideoLoss's one pass of the network, backward, AdamW) of
+   (c) training step time (the groups, VideoLoss's one pass of the network, backward, train.py's
+       fused AdamW) of
        the K = 3 spatial pyramid over 16, 8 and 4 latents a side of 4 channels (patch 2: 64, 16
        and 4 tokens; stages 1:1:1) over the single stage on the same 48 images, the quick start's
        MM-DiT (width 128, depth 4), the best of 7 steps of each, alternated; and the blocks'
        analytic FLOPs ratio (toy/experiment.step_flops, text tokens counted): 0.469.
 
-    python toy/efficiency.py [--threads=N]   # about 3 minutes on an idle 2-core CPU (NOTES-experiments.md)
+    python toy/efficiency.py [--threads=N]   # about 70 seconds on an idle 2-core CPU (toy/README.md)
     python toy/efficiency.py --quick         # seconds (tests): tiny sizes, the same code
 
 Budget: (a) a 4-layer MM-DiT of width 384, batch 8, 3 x 6 model calls per sample, the best of 3
@@ -167,7 +168,7 @@ def spatial_training_ratio(s):
         windows, per = pf.stage_windows(K), B // K
         torch.manual_seed(0)
         loss_fn = train.VideoLoss(text_to_video.TextToVideo(net_cfg), windows)
-        opt = torch.optim.AdamW(loss_fn.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(loss_fn.parameters(), lr=1e-4, fused=cfg.fused_adam)  # as train.py
         # stage k takes images k*per .. (k+1)*per - 1
         sequences = [(text[j], (side >> k) ** 2 // 4) for k in range(K) for j in range(k * per, (k + 1) * per)]
 

@@ -16,7 +16,7 @@ train in alternating chunks of --every steps. Every --every steps both sample th
     python toy/temporal_pyramid.py --quick                                        # under a minute (tests)
 
 Budget: 800 steps of 48 clips per arm (38,400 clips), 8 evaluations of 48 videos per arm
-(estimated 20 minutes on an idle 2-core CPU; not measured yet).
+(about 17 minutes on an idle 2-core CPU, toy/README.md).
 Prints the scores along the way, then a table: tokens per training sample of a video clip (the
 mean over AR positions and stages for the pyramid), seconds per training step measured in this
 run, and the scores (direction, size kept, consistency, colour, shape, pixel Frechet distance) at
