@@ -180,9 +180,10 @@ class Packing:
     text: int
 
     @staticmethod
-    def make(sizes, layouts, device=None):
+    def make(sizes, layouts):
         """sizes (b_g, L_g, N_g) and layouts (rope, mask, block_ends) of the groups -> their Packing."""
         L_all, order, rope, t0, v0 = sum(b * L for b, L, _ in sizes), [], [], 0, 0
+        device = layouts[0][0].device
         for (b, L, N), (group_rope, _, _) in zip(sizes, layouts):
             text = t0 + torch.arange(b * L, device=device).view(b, L)            # [b, L]
             video = L_all + v0 + torch.arange(b * N, device=device).view(b, N)   # [b, N]
@@ -221,7 +222,8 @@ def joint_attention(txt, img, rope, mask, manual=False, block_ends=None, cache=N
     outputs of the text and of the video tokens, [B, L, D] and [B, N, D]. mask and block_ends as in
     attention(); cache: a KVCache being filled or attended to (block `layer`). mask may be a
     Packing (B = 1): each group's sequences then attend within themselves with their own layout,
-    the block-diagonal mask of the packed sequence, its off-diagonal blocks never computed."""
+    the block-diagonal mask of the packed sequence, its off-diagonal blocks never computed (rope is
+    then unused: the Packing holds the angles in its joint order)."""
     if isinstance(mask, Packing):
         p = mask
         # [1, H, S_all, head_dim] each, in the joint order; RoPE once for all groups
@@ -534,7 +536,7 @@ class MMDiT(nn.Module):
         D, sizes = self.cfg.width, [(*x["txt"].shape[:2], x["img"].shape[1]) for x in xs]  # (b, L, N) each
         # [1, L_all, D], [1, N_all, D] and [1, 2 B_all, D]: every group's text, video, conditioning
         txt, img, vecs = (torch.cat([x[key].reshape(1, -1, D) for x in xs], dim=1) for key in ("txt", "img", "vecs"))
-        packing = Packing.make(sizes, [x["layout"] for x in xs], img.device)
+        packing = Packing.make(sizes, [x["layout"] for x in xs])
         # a token's conditioning row: its group's first + 2 per earlier clip + its row in the clip's pair
         first = accumulate([0] + [2 * b for b, _, _ in sizes])
         clip_rows = [r + 2 * torch.arange(b, device=img.device)[:, None] for r, (b, _, _) in zip(first, sizes)]

@@ -51,7 +51,8 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     A checkpoint trained on extracted features (the full recipe) has no text encoder or VAE of its
     own: the frozen encoder `text_encoder` (a text_encoders.load_text_encoder spec; default the
     run's --text_encoder) encodes the captions, and the VAE `vae_ckpt` (default the run's) decodes.
-    A toy checkpoint holds its VAE; `vae_ckpt` replaces it with another of the same shape."""
+    A toy checkpoint holds its VAE; `vae_ckpt` replaces it with another of the same configuration
+    (only the shape is checked: its latents must mean what the run's meant, as toy/lora.py's do)."""
     import vae as vae_module
     hint = " (train one with python train.py)"
     # AdamW states stay on disk
@@ -86,12 +87,14 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
     elif ck.get("vae") is not None:
         vae = build(path, "video checkpoint", lambda: vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"])))
         load_weights(vae, ck["vae"], path)
-        if vae_ckpt:  # another VAE of the same latents decodes (e.g. one taught a new colour: toy/lora.py)
+        if vae_ckpt:  # another VAE decodes: the caller vouches for its latents (toy/lora.py's, taught cyan)
             other = load_vae(vae_ckpt)
             if other.cfg != vae.cfg:
                 fail(f"--vae_ckpt={vae_ckpt} is not shaped as the VAE {path} was trained with")
             vae = other
         vae = vae.eval().to(device)
+    elif vae_ckpt:
+        fail(f"{path} was trained in pixel space: it has no VAE for --vae_ckpt={vae_ckpt} to replace")
     return net.eval().to(device), ck["config"], vae
 
 
@@ -264,7 +267,7 @@ OPTIONS = dict(  # --key=value or --key value: (default, meaning)
     cache=("true", "reuse the text and history keys/values across a stage's Euler steps (exact); false: recompute"),
     max_history=("0", "keep only the N most recent frames as history (0: all)"),
     text_encoder=("", "a features-trained (full) checkpoint: its frozen text encoder (default: the run's)"),
-    vae_ckpt=("", "the VAE that decodes (default: the run's; a toy run's, one shaped as it)"),
+    vae_ckpt=("", "the VAE that decodes (default: the run's; for a toy checkpoint, one of its VAE's configuration)"),
     decode_chunk=("", "latent frames per VAE decoder call (bounded memory for long videos; default all)"),
     negative_prompt=("", "the caption of CFG's unconditional half (default: the empty caption)"),
     prompt_suffix=("", "text appended to every prompt (the release appends a quality phrase)"),

@@ -176,9 +176,12 @@ def test_default_colours_draw_the_same_clips_and_cyan_is_scored_when_asked():
     assert len(caps) == 12 and caps[0] == "a cyan circle moving left"
 
 
+STEPS = 6  # teach_vae's steps in the test: the anchor acts from the second
+
+
 def test_teaching_the_vae_cyan_leaves_the_shipped_one_and_holds_the_known_latents():
     """toy/lora.py's teach_vae: a frozen copy comes back, the VAE given is untouched, and the
-    anchor holds the known colours' latents (a few steps move them far less than cyan's loss alone)."""
+    anchor holds the known colours' latents (they move less than half as far as without it)."""
     from common import load_vae
     from toy import lora as toy_lora
     shipped = load_vae(config.QUICK_START_VAE)
@@ -186,16 +189,11 @@ def test_teaching_the_vae_cyan_leaves_the_shipped_one_and_holds_the_known_latent
     known, _ = data.shapes_batch(8, frames=5, size=16, generator=3)
 
     def moved(anchor):
-        toy_lora.ANCHOR = anchor
         torch.manual_seed(0)
-        taught = toy_lora.teach_vae(shipped, steps=3, size=16, frames=5, batch=4, lr=1e-3)
+        taught = toy_lora.teach_vae(shipped, steps=STEPS, size=16, frames=5, batch=4, lr=1e-3, anchor=anchor)
         assert not any(p.requires_grad for p in taught.parameters()) and not taught.training
         with torch.no_grad():
             return (taught.encode(known) - shipped.encode(known)).square().mean().item()
-    anchor = toy_lora.ANCHOR
-    try:
-        held, free = moved(anchor), moved(0.0)
-    finally:
-        toy_lora.ANCHOR = anchor
+    held, free = moved(toy_lora.ANCHOR), moved(0.0)
     assert all(torch.equal(v, before[k]) for k, v in shipped.state_dict().items())
-    assert held < free
+    assert held < 0.5 * free, (held, free)

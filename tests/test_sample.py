@@ -195,8 +195,9 @@ def test_size_diagnosis_prints_a_row_per_frame_and_the_decoder_tolerance(latent_
         diagnose_size.main([f"--ckpt={latent_ckpt}", "--seeds=a"])
 
 
-def test_a_toy_checkpoint_decodes_with_another_vae_of_its_shape(latent_ckpt, tmp_path):
-    """--vae_ckpt replaces the VAE a toy checkpoint holds (toy/lora.py's VAE taught cyan); another shape is refused."""
+def test_a_toy_checkpoint_decodes_with_another_vae_of_its_shape(latent_ckpt, ckpt, tmp_path):
+    """--vae_ckpt replaces the VAE a toy checkpoint holds (toy/lora.py's VAE taught cyan); another shape is
+    refused, and so is a VAE for a pixel-space checkpoint."""
     import vae as vae_module
     shipped = common.load_vae(config.QUICK_START_VAE)
     _, _, own = sample.load(latent_ckpt)
@@ -208,3 +209,5 @@ def test_a_toy_checkpoint_decodes_with_another_vae_of_its_shape(latent_ckpt, tmp
                                                        model=vae_module.CausalVAE(wider).state_dict()))
     with pytest.raises(SystemExit, match="not shaped as"):
         sample.load(latent_ckpt, vae_ckpt=str(tmp_path / "wider.pt"))
+    with pytest.raises(SystemExit, match="pixel space"):
+        sample.load(ckpt, vae_ckpt=config.QUICK_START_VAE)

@@ -17,7 +17,8 @@ at the end they also sample --long frames (beyond the training length). The meas
     python toy/causal.py --quick                                                    # under a minute (tests)
 
 Budget: two quick-start trainings and 4 evaluations of 48 videos per arm, then 48 videos of --long
-frames per arm: 20 minutes on a 2-core CPU (toy/README.md). Prints the scores along the way, a table, and ends with the line
+frames per arm: 20 minutes on a 2-core CPU that short jobs shared for part of it (toy/README.md).
+Prints the scores along the way, a table, and ends with the line
     verdict: agrees|disagrees: identity change at LONG frames, bidirectional / causal: A / B
 (agrees: the bidirectional model changes identity more often, by at least 0.05). Writes
 out/experiments/causal/causal.png.

@@ -49,10 +49,15 @@ KEYS = ("colour", "shape", "direction")
 ANCHOR = 10.0  # weight of the known colours' latents against the shipped encoder's (teach_vae)
 
 
-def teach_vae(vae, steps, size, frames, batch=16, lr=3e-4, seed=0):
-    """The VAE, taught cyan: `steps` of its loss (vae.vae_loss, the shipped recipe's KL weight) on
-    half cyan, half known-colour clips, plus the distance of the known clips' latents (posterior
-    means, in units of the latent scale) from the shipped encoder's. Returns the taught copy."""
+def teach_vae(vae, steps, size, frames, batch=16, lr=3e-4, seed=0, anchor=None):
+    """The VAE, taught cyan: `steps` of its loss (vae.vae_loss with the shipped recipe's pixel loss
+    and KL weight) on half cyan, half known-colour clips, plus `anchor` (default ANCHOR) x the mean
+    squared distance of the known clips' latents (posterior means) from the shipped encoder's,
+    divided by the mean squared latent scale. Returns the taught copy, frozen."""
+    anchor = ANCHOR if anchor is None else anchor
+    recipe = vae.recipe  # the shipped VAE's loss
+    kl_weight = recipe.get("kl_weight", config.Config.kl_weight)
+    pixel = recipe.get("pixel_loss", config.Config.pixel_loss)
     taught = copy.deepcopy(vae).train().requires_grad_(True)
     opt = torch.optim.Adam(taught.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -61,13 +66,12 @@ def teach_vae(vae, steps, size, frames, batch=16, lr=3e-4, seed=0):
         known, _ = data.shapes_batch(batch // 2, frames=frames, size=size, generator=g)
         x = torch.cat([cyan, known])                                          # [B, 3, T, H, W]
         recon, mean, logvar = taught(x, generator=g)
-        recipe = vae.recipe  # the shipped VAE's loss: its pixel loss and KL weight
-        loss, _ = vae_loss(x, recon, mean, logvar, recipe.get("kl_weight", 1e-4), recipe.get("pixel_loss", "l1"))
+        loss, _ = vae_loss(x, recon, mean, logvar, kl_weight, pixel)
         with torch.no_grad():
             shipped, _ = vae.posterior(known)
         held = (mean[batch // 2:] - shipped).square().mean() / vae.latent_scale.square().mean()
         opt.zero_grad()
-        (loss + ANCHOR * held).backward()
+        (loss + anchor * held).backward()
         opt.step()
     return taught.eval().requires_grad_(False)
 
@@ -127,26 +131,32 @@ def main(argv):
     base_cfg = config.Config(**{k: v for k, v in base["config"].items() if k in config.Config.__dataclass_fields__})
     os.makedirs(o["out_dir"], exist_ok=True)
 
-    # the data: the VAE taught cyan (once), then the latents of its clips
+    # the data: the VAE taught cyan (once for these settings), then the latents of its clips
     vae_path = os.path.join(o["out_dir"], "vae_cyan.pt")
     t0 = time.time()
     shipped = load_vae(base_cfg.vae_ckpt)
-    if not os.path.exists(vae_path):
+    how = dict(steps=o["vae_steps"], anchor=ANCHOR, base=base_cfg.vae_ckpt)
+    reused = os.path.exists(vae_path) and read_checkpoint(vae_path, "causal-vae", "VAE checkpoint").get(
+        "recipe", {}).get("taught_cyan") == how
+    if not reused:
         taught = teach_vae(shipped, o["vae_steps"], base_cfg.size, base_cfg.frames)
         save_torch(vae_path, dict(kind="causal-vae", config=dataclasses.asdict(taught.cfg), model=taught.state_dict(),
-                                  recipe=dict(shipped.recipe, taught_cyan=dict(steps=o["vae_steps"], anchor=ANCHOR))))
+                                  recipe=dict(shipped.recipe, taught_cyan=how)))
     vae = load_vae(vae_path)
-    cyan = data.shape_captions(("cyan",)) * o["clips"]
-    z, rec = encode(vae, cyan, base_cfg.size, base_cfg.frames, seed=0)
+    cyan_captions = data.shape_captions(("cyan",)) * o["clips"]
+    z, rec = encode(vae, cyan_captions, base_cfg.size, base_cfg.frames, seed=0)
     known = data.SHAPE_CAPTIONS * o["replay"]
-    known_z, _ = encode(vae, known, base_cfg.size, base_cfg.frames, seed=1) if known else (z[:0], None)
-    drift = (known_z - encode(shipped, known, base_cfg.size, base_cfg.frames, seed=1)[0]).square().mean().sqrt()
+    known_z, drift = z[:0], ""
+    if known:
+        known_z, _ = encode(vae, known, base_cfg.size, base_cfg.frames, seed=1)
+        moved = (known_z - encode(shipped, known, base_cfg.size, base_cfg.frames, seed=1)[0]).square().mean().sqrt()
+        drift = f"; the known clips' latents moved {moved:.3f} (rms, normalised)"
     prep = time.time() - t0
-    print(f"the VAE taught cyan ({vae_path}, {o['vae_steps']} steps): {len(cyan)} cyan clips decode with "
-          + ", ".join(f"{k} {rec[k]:.2f}" for k in KEYS) + f", latent std {z.std():.2f}; the known clips' latents "
-          f"moved {drift:.3f} (rms, normalised); {prep:.0f}s", flush=True)
-    times = max(1, len(known) // len(cyan))  # as many cyan clips as known ones
-    pool = dict(latents=torch.cat([z.repeat(times, 1, 1, 1, 1), known_z]), captions=cyan * times + known)
+    print(f"the VAE taught cyan ({vae_path}, {o['vae_steps']} steps{', reused' if reused else ''}): "
+          f"{len(cyan_captions)} cyan clips decode with " + ", ".join(f"{k} {rec[k]:.2f}" for k in KEYS)
+          + f", latent std {z.std():.2f}{drift}; {prep:.0f}s", flush=True)
+    times = max(1, len(known) // len(cyan_captions))  # as many cyan clips as known ones
+    pool = dict(latents=torch.cat([z.repeat(times, 1, 1, 1, 1), known_z]), captions=cyan_captions * times + known)
     pool_path = os.path.join(o["out_dir"], "pool.pt")
     save_torch(pool_path, pool)
     n_pool = len(pool["captions"])
@@ -192,7 +202,8 @@ def main(argv):
     print(f"base {o['ckpt']} (decoded by the taught VAE): {n_base:,} parameters; cyan x1 seed: "
           + ", ".join(f"{k} {before[k]:.2f}" for k in KEYS)
           + "; the 48 original captions: " + ", ".join(f"{k} {before_old[k]:.2f}" for k in KEYS))
-    print(f"data preparation (the VAE taught cyan, once, {vae_path}): {prep:.0f}s; {os.cpu_count()} CPUs, "
+    print(f"data preparation (the VAE taught cyan{', reused' if reused else ''}, {vae_path}): {prep:.0f}s; "
+          f"{os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads; the whole script {time.time() - t_start:.0f}s")
     for name, (took, trained, size, cyan, old) in rows.items():
         print(f"{name}: {took['seconds']:.0f}s for {o['steps']} steps, peak memory {took['peak_mb']:.0f} MB, "
