@@ -63,14 +63,20 @@ def _remove_shards(root, keep=None):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
+def shard_folder(path, index):
+    """The folder of shards the index `path` (its dict `index`) names; one line if it is missing."""
+    folder = os.path.join(os.path.dirname(path), index["sharded"])
+    if not os.path.isdir(folder):
+        fail(f"{path} names the shards {folder}, which are missing")
+    return folder
+
+
 def load_sharded(path, index, model, ema, opt=None):
     """The shards named by the index `path` (read_checkpoint's dict `index`) into model, EMA and,
     if given, the optimizer, whatever their sharding; every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    folder = os.path.join(os.path.dirname(path), index["sharded"])
-    if not os.path.isdir(folder):
-        fail(f"{path} names the shards {folder}, which are missing")
+    folder = shard_folder(path, index)
     states = _states(model, ema, opt)
     try:
         dcp.load(states, checkpoint_id=folder)
@@ -125,9 +131,7 @@ def consolidate(path, out):
     index = read_checkpoint(path, "pyramid-flow", "checkpoint", sharded=True)
     if not index.get("sharded"):
         fail(f"{path} is a single-file checkpoint already")
-    folder = os.path.join(os.path.dirname(path), index["sharded"])
-    if not os.path.isdir(folder):
-        fail(f"{path} names the shards {folder}, which are missing")
+    folder = shard_folder(path, index)
     states = {}
     # the saved metadata tells the shapes: no model needed (as torch's dcp_to_torch_save, without AdamW)
     _load_state_dict(states, storage_reader=FileSystemReader(folder), no_dist=True,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 FPS = 8  # playback rate of written videos (a run on real videos plays at its own --fps)
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + n keeps the (seed, rank, step, ...) seeds apart
 
 
 # -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ RELEASE_FIXED = dict(qk_norm="rms_norm", pos_embed_type="sincos", temp_pos_embed
 # the release constructor's defaults, for a config.json that omits a key
 RELEASE_ABSENT = dict(pos_embed_type="rope", temp_pos_embed_type="sincos", add_temp_pos_embed=False,
                       interp_condition_pos=False, use_t5_mask=False, use_temporal_causal=False)
+SD3_SAMPLE_SIZE = 128  # config.json's sample_size when absent: SD3's base latent size (1024 px / 8)
 IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "use_gradient_checkpointing", "use_flash_attn",
            "gradient_checkpointing_ratio", "max_num_frames", "out_channels", "dual_attention_layers",
            "use_temporal_causal", "sample_size", "pos_embed_max_size"}
@@ -48,17 +49,18 @@ def dit_config_of(rc: dict, what: str, sd3: bool = False) -> dit.DiTConfig:
         fail(f"{what}: dual attention layers (SD3.5) are not an MM-DiT of this repository")
     try:
         p, heads, head_dim = rc["patch_size"], rc["num_attention_heads"], rc["attention_head_dim"]
-        width, table = heads * head_dim, rc.get("pos_embed_max_size", 192)
+        width, table = heads * head_dim, rc.get("pos_embed_max_size", dit.RELEASE_LAYOUT["pos_table"])
         if not table:  # diffusers then embeds each size anew, no table to crop
             fail(f"{what}: pos_embed_max_size={table!r}; this converter reads the stored-table layout")
         if rc.get("caption_projection_dim", width) != width:
             fail(f"{what}: caption_projection_dim {rc['caption_projection_dim']} differs from the width {width}")
         return dit.DiTConfig(
             in_channels=rc["in_channels"], patch_size=p, width=width, depth=rc["num_layers"], heads=heads,
-            text_dim=rc["joint_attention_dim"], pooled_dim=rc["pooled_projection_dim"], norm_eps=1e-6,
-            causal=rc.get("use_temporal_causal", sd3), history_time="current", time_input="release",
-            # the table spaces sample_size / p tokens over its N rows (SD3's base size)
-            pos_table=table, pos_spacing=(rc.get("sample_size", 128) // p) / table, qk_norm_eps=1e-5)
+            text_dim=rc["joint_attention_dim"], pooled_dim=rc["pooled_projection_dim"],
+            causal=rc.get("use_temporal_causal", sd3), history_time="current",
+            # the release's layout, its table spacing sample_size / p tokens over its N rows
+            **dict(dit.RELEASE_LAYOUT, pos_table=table,
+                   pos_spacing=(rc.get("sample_size", SD3_SAMPLE_SIZE) // p) / table))
     except KeyError as e:
         fail(f"{what}: config.json lacks {e.args[0]!r}")
 
@@ -201,7 +203,6 @@ VAE_DEFAULTS = dict(
 # set no weight and change no output (dropout, tiling sizes; the quant convs are always built)
 VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "encoder_block_dropout", "decoder_block_dropout",
                "sample_size", "scaling_factor", "add_post_quant_conv", "downsample_scale"}
-RELEASE_LATENT_STATS = vae.RELEASE_LATENT_STATS
 # the release's names inside a block -> ours (the rest are the same: norm1, conv1.conv, ...)
 VAE_RENAMES = [("conv_shortcut.conv.", "skip."), ("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."),
                ("to_v.", "v."), ("to_out.0.", "out.")]
@@ -276,7 +277,8 @@ def vae_state(sd: dict, cfg: vae.VAEConfig, what: str, stats=((0.0, 1.0), (0.0, 
         rest = key[len(p):] if p else ""
         rest = next((new + rest[len(old):] for old, new in VAE_RENAMES if rest.startswith(old)), rest)
         ours_of[key] = prefixes[p] + rest if p else None
-    model = vae.CausalVAE(cfg).state_dict()
+    with torch.device("meta"):  # names and shapes alone
+        model = vae.CausalVAE(cfg).state_dict()
     for key, ours in ours_of.items():
         if ours not in model:
             fail(f"{what}: unknown key {key}")
@@ -307,7 +309,8 @@ def convert_vae_folder(folder, dit_model="mmdit"):
     if rc.get("_class_name", "CausalVideoVAE") != "CausalVideoVAE":
         fail(f"{what}: config.json is a {rc['_class_name']}, not the release's CausalVideoVAE")
     cfg = vae_config_of(rc, what)
-    return dataclasses.asdict(cfg), vae_state(read_weights(folder, what), cfg, what, RELEASE_LATENT_STATS[dit_model])
+    stats = vae.RELEASE_LATENT_STATS[dit_model]
+    return dataclasses.asdict(cfg), vae_state(read_weights(folder, what), cfg, what, stats)
 
 
 def vae_parity(fixture: dict) -> float:
@@ -425,8 +428,8 @@ def main(argv):
         return
     vae_path = os.path.abspath(out("vae.pt")) if has_vae else ""
     if has_vae:
-        vae_cfg, vae_state = convert_vae_folder(os.path.join(source, "causal_video_vae"))
-        save_torch(out("vae.pt"), dict(kind="causal-vae", config=vae_cfg, model=vae_state))
+        vae_cfg, vae_weights = convert_vae_folder(os.path.join(source, "causal_video_vae"))
+        save_torch(out("vae.pt"), dict(kind="causal-vae", config=vae_cfg, model=vae_weights))
         print(f"wrote {out('vae.pt')}")
     for r in dits:
         cfg, state = convert_dit_folder(os.path.join(source, f"diffusion_transformer_{r}"))

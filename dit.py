@@ -640,6 +640,4 @@ class MMDiT(nn.Module):
         if len(frames) != 1 or B != len(cache.key_valid) or self.token_grid(x.shape[-2:], grid) != cache.pos_grid:
             raise ValueError("a cached call takes [current frame] alone, of the batch and grid of its cache")
         vec = self.t_embedder(t) + cache.y                                     # [B, D]
-        out = self.final_layer(self.run_after(cache, [x], vec), vec)           # [B, H*W, p*p*C]
-        # [B, C, h, w]
-        return rearrange(out, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H, w=W, p1=p, p2=p)
+        return self.velocity(self.run_after(cache, [x], vec), dict(shape=(1, H, W), all_frames=False, vec=vec))

@@ -17,12 +17,12 @@ import signal
 
 import torch
 
-from common import fail
+from common import SEED_STRIDE, fail
 
 
 def epoch_batches(buckets, batch_size, seed, epoch):
     """The epoch's global list of batches (lists of dataset indices), each from one bucket."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
     batches = []
     for T in sorted(buckets):
         ids = buckets[T]

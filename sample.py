@@ -39,7 +39,9 @@ FIRST_FRAME_STEPS, LATER_FRAME_STEPS = 20, 10  # Euler steps per stage, the rele
 # the release's recommended sampling (its README for pyramid-flow-sd3) and the negative prompt of its pipeline
 RELEASE_NEGATIVE_PROMPT = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, "
                            "low res, extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror")
-PRESETS = dict(release=dict(steps="20,20,20", steps_later="10,10,10", guidance="7", video_guidance="5",
+# its K = 3 stages, each with the release's steps
+PRESETS = dict(release=dict(steps=",".join([str(FIRST_FRAME_STEPS)] * 3),
+                            steps_later=",".join([str(LATER_FRAME_STEPS)] * 3), guidance="7", video_guidance="5",
                             negative_prompt=RELEASE_NEGATIVE_PROMPT, prompt_suffix=", hyper quality, Ultra HD, 8K"))
 
 
@@ -85,13 +87,14 @@ def load(path, device="cpu", use_ema=True, text_encoder="", vae_ckpt=""):
                  f"compression; {path} was trained on {net.dit.cfg.in_channels}-channel latents at "
                  f"{want[1]}x{want[1]}x{want[2]}: pass the VAE that extracted its features")
     elif ck.get("vae") is not None:
-        vae = build(path, "video checkpoint", lambda: vae_module.CausalVAE(vae_module.VAEConfig(**ck["vae_config"])))
-        load_weights(vae, ck["vae"], path)
+        own = build(path, "video checkpoint", lambda: vae_module.VAEConfig(**ck["vae_config"]))
         if vae_ckpt:  # another VAE decodes: the caller vouches for its latents (toy/lora.py's, taught cyan)
-            other = load_vae(vae_ckpt)
-            if other.cfg != vae.cfg:
+            vae = load_vae(vae_ckpt)
+            if vae.cfg != own:
                 fail(f"--vae_ckpt={vae_ckpt} is not shaped as the VAE {path} was trained with")
-            vae = other
+        else:
+            vae = build(path, "video checkpoint", lambda: vae_module.CausalVAE(own))
+            load_weights(vae, ck["vae"], path)
         vae = vae.eval().to(device)
     elif vae_ckpt:
         fail(f"{path} was trained in pixel space: it has no VAE for --vae_ckpt={vae_ckpt} to replace")

@@ -51,9 +51,9 @@ import metrics
 import pyramid_flow as pf
 import vae
 import video_samples
-from common import (DataError, Interrupts, any_rank, autocast, build_sharded, check_writable_dir, fail, int_list,
-                    is_master, load_optimizer, load_vae, out_dir_lock, read_checkpoint, save_json, setup_distributed,
-                    shard)
+from common import (SEED_STRIDE, DataError, Interrupts, any_rank, autocast, build_sharded, check_writable_dir, fail,
+                    int_list, is_master, load_optimizer, load_vae, out_dir_lock, read_checkpoint, save_json,
+                    setup_distributed, shard)
 from config import has_vae_phase, phase_data, run_dir, vae_phase
 from toy import data
 from toy.toy2d import Toy2D
@@ -178,7 +178,7 @@ class Video:
         """The fixed data set of --data_pool clips, encoded once: (latents [N, C, T, h, w], captions).
         Every process draws its own clips (from a generator apart from the steps' ones)."""
         cfg, chunk = self.cfg, 64  # clips per encoder call: bounded memory, few calls
-        g = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1) + int(os.environ.get("RANK", 0)))
+        g = torch.Generator().manual_seed(SEED_STRIDE * (cfg.seed + 1) + int(os.environ.get("RANK", 0)))
         latents, captions = [], []
         for start in tqdm(range(0, cfg.data_pool, chunk), desc="data set", disable=not is_master(), leave=False):
             video, caps = self.data(min(chunk, cfg.data_pool - start), frames=cfg.frames, size=cfg.size, generator=g)
@@ -388,8 +388,8 @@ def validate(cfg):
 
 def step_generator(cfg, rank, step, micro):
     """Data and noise of one micro-step come from a generator seeded by (seed, rank, step, micro):
-    stateless, so a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 101 + micro)
+    stateless, so a resumed run draws exactly what an uninterrupted one would (micro < 101)."""
+    return torch.Generator().manual_seed(((cfg.seed * SEED_STRIDE + rank) * SEED_STRIDE + step) * 101 + micro)
 
 
 def learning_rate(cfg, step):

@@ -40,8 +40,7 @@ from tqdm import tqdm
 import dit
 import pyramid_flow as pf
 from common import DataError, fail, first_line, load_vae, out_dir_lock, save_text, save_torch, setup_distributed
-import vae
-from vae import VAE_SIZES
+from vae import VAE_SIZES, normalize_release
 from video_decode import BadClip, media_path, read_clip
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -58,6 +57,9 @@ TEXT_PROBES = 64
 NULL_TEXT = "null_text.pt"   # features of "" (the null caption of CFG and caption dropout)
 SHARD = "extracted.rank{}.jsonl"  # a rank's share; extracted.rank<r>.done says it is finished
 RECORD = "extraction.json"    # what made an extraction folder (check_record)
+# pixel frames a VAE encoder call takes (vae.posterior's chunk): 2 latent frames at f = 8 keep the
+# release's VAE at 768p to 3.8 GiB of activations (56.5 GiB for 241 frames in one call)
+ENCODE_FRAMES = 16
 EXTRACTED = "extracted.jsonl"
 
 
@@ -341,12 +343,11 @@ def text_problem(path, text_dim, pooled_dim):
     return None
 
 
-def write_null_text(out_dir, text_encoder, rank=None, feats=None):
-    """null_text.pt: the features of the empty caption (`feats`, if already encoded), the null
-    text of CFG and caption dropout (the release leaves it undefined on its extracted-feature
-    path); rewritten unless it is this encoder's. Returns (path, its features)."""
+def write_null_text(out_dir, feats, rank=None):
+    """null_text.pt: the features of the empty caption (`feats`, encode_texts(encoder, [""])[0]),
+    the null text of CFG and caption dropout (the release leaves it undefined on its
+    extracted-feature path); rewritten unless it is this encoder's. Returns (path, feats)."""
     path = os.path.join(out_dir, NULL_TEXT)
-    feats = feats or encode_texts(text_encoder, [""])[0]
     dims = feats["prompt_embed"].shape[-1], feats["pooled_prompt_embed"].shape[-1]
     if not os.path.exists(path) or text_problem(path, *dims):
         save_torch(path, feats, rank)
@@ -420,7 +421,7 @@ def extract(entries, out_dir, vae, text_encoder, height, width, frames, rank=0, 
         missing.check(len(entries))
         null = encode_texts(text_encoder, [""])[0]
         check_record(out_dir, extraction_record(vae, text_encoder, null, height, width, frames, fps, min_frames), rank)
-        write_null_text(out_dir, text_encoder, rank, null)  # after the record: another extraction's stays
+        write_null_text(out_dir, null, rank)  # after the record: another extraction's stays
         dims = null["prompt_embed"].shape[-1], null["pooled_prompt_embed"].shape[-1]
         return _extract_share(entries, out_dir, vae, text_encoder, height, width, frames, rank, world, progress,
                               min_frames, fps, dims, latent_frames, missing.count)
@@ -465,7 +466,7 @@ def _extract_share(entries, out_dir, vae, text_encoder, height, width, frames, r
                                      "unreadable or too short (warnings above); check the files") from None
                 continue
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                z = vae.normalize(vae.encode(clip[None].to(device), chunk=max(1, 16 // f)))  # [1, C, T, h, w]
+                z = vae.normalize(vae.encode(clip[None].to(device), chunk=max(1, ENCODE_FRAMES // f)))  # [1, C, T, h, w]
             save_torch(path, z.to("cpu", STORE_DTYPE), rank)
             T = z.shape[2]
         lines.append(json.dumps({**entry, "latent": name, "text_fea": text_name(entry["text"]), "latent_frames": T,
@@ -564,7 +565,7 @@ def extract_run(cfg):
             if made != fingerprint(encoder):
                 raise SystemExit(f"error: {cfg.out_dir} was extracted with another text encoder (see its {RECORD}); "
                                  f"its null_text.pt is kept")
-        print(f"wrote {write_null_text(cfg.out_dir, encoder, feats=null)[0]} (the features of the empty caption)")
+        print(f"wrote {write_null_text(cfg.out_dir, null)[0]} (the features of the empty caption)")
         return
     if not cfg.vae_ckpt or not cfg.text_encoder:
         raise SystemExit(f"error: --task=extract needs --vae_ckpt=PATH and --text_encoder=SPEC ({specs})")
@@ -686,7 +687,7 @@ class FeatureDataset:
         _finite(e["latent"], latent)
         _finite(e["text_fea"], tokens, pooled)
         if "latent_frames" not in e:  # not this repo's extraction: the release's raw VAE samples
-            latent = vae.normalize_release(latent.float())
+            latent = normalize_release(latent.float())
         return dict(latent=latent.float(), text=tokens.float(), text_mask=mask, pooled=pooled.float())
 
     def __getitem__(self, i):

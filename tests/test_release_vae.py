@@ -11,7 +11,7 @@ import torch
 
 import common
 import convert
-from vae import VAE_SIZES, CausalConv3d, CausalVAE
+from vae import RELEASE_LATENT_STATS, VAE_SIZES, CausalConv3d, CausalVAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,7 +116,7 @@ def test_converted_folder_loads_with_the_release_normalisation(tmp_path, fmt):
     with torch.no_grad():
         z = net.encode(fx["vae/video"])
     torch.testing.assert_close(z, fx["vae/latent_mean"], atol=GOAL, rtol=0)
-    (s0, c0), (s1, c1) = convert.RELEASE_LATENT_STATS["mmdit"]
+    (s0, c0), (s1, c1) = RELEASE_LATENT_STATS["mmdit"]
     n = net.normalize(z)
     torch.testing.assert_close(n[:, :, :1], (z[:, :, :1] - s0) / c0)
     torch.testing.assert_close(n[:, :, 1:], (z[:, :, 1:] - s1) / c1)

@@ -35,7 +35,6 @@ OWN = dict(every=500, seeds="1", captions=48, long=17)
 # the shipped recipe, not the experiments' BASE: its VAE and its cosine decay
 SETTINGS = dict(vae_ckpt=config.QUICK_START_VAE, lr_decay="cosine", max_steps=2000)
 QUICK = dict(max_steps=4, frames=5)
-QUICK_OWN = dict(long=9)
 KEYS = ("identity_change", "consistency", "direction", "colour", "shape", "size_kept")
 MARGIN = 0.05
 
@@ -46,7 +45,7 @@ def score(videos, captions):
 
 def main(argv):
     run = ex.setup(argv, "causal", OWN, SETTINGS, QUICK)
-    long = QUICK_OWN["long"] if run.quick and "--long" not in " ".join(argv) else run.opts["long"]
+    long = run.opts["long"]
     arms = {"blockwise-causal": dataclasses.replace(run.cfg, causal=True),
             "bidirectional": dataclasses.replace(run.cfg, causal=False)}
     curves = ex.run_arms(arms, run.out, run.opts["every"], run.vae, run.captions, run.seeds, run.quick,

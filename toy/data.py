@@ -23,10 +23,9 @@ pixels, so each frame shows the same sprite shifted and the object area never ch
 Tensor legend: video [B, C, T, H, W] with C = 3 (RGB) and T = frames, values in [-1, 1]
 (-1 = black). Digits are grey, replicated to 3 channels so every model sees RGB.
 """
-import functools
 import math
 import re
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +42,13 @@ ALL_COLOURS = COLOURS | NEW_COLOURS
 SHAPES = ("circle", "square", "triangle")  # the triangle always points up
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
 
-# The 48 captions, colour-major then shape then direction: index = 12*colour + 4*shape + direction.
-SHAPE_CAPTIONS = [f"a {c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS]
-
-
 def shape_captions(colours=tuple(COLOURS)):
     """The 12 captions of each colour, in SHAPE_CAPTIONS' order: e.g. ("cyan",) -> 12 cyan captions."""
     return [f"a {c} {s} moving {d}" for c in colours for s in SHAPES for d in DIRECTIONS]
+
+
+# The 48 captions, colour-major then shape then direction: index = 12*colour + 4*shape + direction.
+SHAPE_CAPTIONS = shape_captions()
 
 
 def colour_list(text):
@@ -259,4 +258,4 @@ SOURCES = {"shapes": shapes_batch, "digits": digits_batch}
 
 def source(name, colours=""):
     """The clip maker of --data=name; colours (comma-separated, train.py's --colours) picks the shapes'."""
-    return functools.partial(shapes_batch, colours=colour_list(colours)) if colours else SOURCES[name]
+    return partial(shapes_batch, colours=colour_list(colours)) if colours else SOURCES[name]

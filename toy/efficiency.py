@@ -18,9 +18,8 @@ Sec. 3.3 and 4.2: what the pyramids save, counted and measured.
        (--full_sequence) on 16-frame pixel clips of 32 x 32 (patch 2: 256 tokens a frame,
        4,096 for the clip), both video only, from a data set made once;
    (c) training step time (the groups, VideoLoss's one pass of the network, backward, train.py's
-       fused AdamW) of
-       the K = 3 spatial pyramid over 16, 8 and 4 latents a side of 4 channels (patch 2: 64, 16
-       and 4 tokens; stages 1:1:1) over the single stage on the same 48 images, the quick start's
+       fused AdamW) of the K = 3 spatial pyramid over 16, 8 and 4 latents a side of 4 channels
+       (patch 2: 64, 16 and 4 tokens; stages 1:1:1) over the single stage on the same 48 images, the quick start's
        MM-DiT (width 128, depth 4), the best of 7 steps of each, alternated; and the blocks'
        analytic FLOPs ratio (toy/experiment.step_flops, text tokens counted): 0.469.
 

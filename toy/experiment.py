@@ -37,7 +37,7 @@ EXPERIMENTS_DIR = os.path.join("out", "experiments")
 BASE = dict(vae_ckpt="", vae_steps=900, lr_decay="none")
 # --quick: a one-layer model, a 2-step VAE and a data set of 12 clips; seconds, for the tests
 QUICK = dict(width=32, depth=1, heads=1, vae_steps=2, data_pool=12, batch_size=12, warmup_steps=1, log_every=2)
-QUICK_OPTIONS = dict(every=2, seeds="1", captions=4)  # the shared options' values under --quick
+QUICK_OPTIONS = dict(every=2, seeds="1", captions=4, long=9)  # the options' values under --quick (long: causal's)
 THUMBNAIL = 8  # px pooled into one feature of the pixel Frechet distance: 32 px frames -> 4 x 4 x 3
 
 
@@ -177,13 +177,14 @@ def score(videos, captions):
     return scores | frame_constancy(videos) | dict(frechet=pixel_frechet(videos, reference))
 
 
-def sample_and_score(net, cfg, vae, captions, seeds, score_fn=score, **kw):
+def sample_and_score(net, cfg, vae, captions, seeds, score_fn=score, frames=None, **kw):
     """Mean scores (score_fn) of the captions sampled with each seed (sample.generate, the run's
-    settings unless kw says otherwise), the videos of the first seed, the sampling seconds per seed."""
+    settings unless kw says otherwise; `frames` default the run's), the videos of the first seed,
+    the sampling seconds per seed."""
     runs, videos, t0 = [], None, time.perf_counter()
     for seed in seeds:
-        v = sample.generate(net, captions, dataclasses.asdict(cfg), kw.get("frames", cfg.frames), vae=vae,
-                            seed=seed, progress=False, **{k: v for k, v in kw.items() if k != "frames"})
+        v = sample.generate(net, captions, dataclasses.asdict(cfg), frames or cfg.frames, vae=vae,
+                            seed=seed, progress=False, **kw)
         runs.append(score_fn(v, captions))
         videos = v if videos is None else videos
     seconds = (time.perf_counter() - t0) / len(seeds)

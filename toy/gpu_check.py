@@ -71,7 +71,7 @@ def paper_mfu(iters, peak):
     h, w, T, L = PHASE3["h"], PHASE3["w"], PHASE3["frames"], PHASE3["text"]
     levels = pf.history_levels(T - 1, 0, 3) + [0]  # the history pyramid (Eq. 16), then frame 31 at stage 0
     frames = [torch.randn(1, cfg.in_channels, h >> lv, w >> lv, device=DEVICE) for lv in levels]
-    video = sum((f.shape[-2] // 2) * (f.shape[-1] // 2) for f in frames)
+    video = sum((f.shape[-2] // cfg.patch_size) * (f.shape[-1] // cfg.patch_size) for f in frames)  # tokens
     text = (torch.randn(1, L, cfg.text_dim, device=DEVICE), torch.ones(1, L, dtype=torch.bool, device=DEVICE),
             torch.randn(1, cfg.pooled_dim, device=DEVICE))
     t = torch.full((1,), 0.7, device=DEVICE)

@@ -39,7 +39,8 @@ import config  # noqa: E402
 import lora  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from common import key_values, load_vae, read_checkpoint, save_torch, tile, write_video  # noqa: E402
+from common import (boolean, key_values, load_vae, number, read_checkpoint, save_torch, tile,  # noqa: E402
+                    write_video)
 from toy import data, evaluate  # noqa: E402
 from vae import vae_loss  # noqa: E402
 
@@ -47,6 +48,7 @@ OPTIONS = dict(ckpt=os.path.join("out", "tiny", "ckpt.pt"), out_dir=os.path.join
                rank=8, lr=3e-3, full_lr=5e-4, clips=1, vae_steps=200, replay=1, seeds=4, full=True, picture=True)
 KEYS = ("colour", "shape", "direction")
 ANCHOR = 10.0  # weight of the known colours' latents against the shipped encoder's (teach_vae)
+CYAN_SEED, KNOWN_SEED = 1000, 1234  # sampling seeds of the evaluations: cyan seed s is CYAN_SEED + s
 
 
 def teach_vae(vae, steps, size, frames, batch=16, lr=3e-4, seed=0, anchor=None):
@@ -76,13 +78,10 @@ def teach_vae(vae, steps, size, frames, batch=16, lr=3e-4, seed=0, anchor=None):
     return taught.eval().requires_grad_(False)
 
 
-def encode(vae, captions, size, frames, seed):
-    """Normalised latents [N, C, T, h, w] of one clip per caption, and the scores of their decodings."""
-    video, _ = data.shapes_batch(len(captions), frames=frames, size=size, generator=seed, captions=captions)
+def encode(vae, video):
+    """Clips [N, 3, T, H, W] -> their normalised latents [N, C, T, h, w]."""
     with torch.no_grad():
-        z = vae.normalize(vae.encode(video))
-        decoded = vae.decode(vae.denormalize(z)).clamp(-1, 1)
-    return z, evaluate.score_shapes(decoded, captions, data.ALL_COLOURS)
+        return vae.normalize(vae.encode(video))
 
 
 class PoolVideo(train.Video):
@@ -114,9 +113,9 @@ def scores(net, cfg, vae, captions, seed):
 
 def evaluate_net(net, cfg, vae, n_seeds):
     cyan = data.shape_captions(("cyan",))
-    runs = [scores(net, cfg, vae, cyan, 1000 + s) for s in range(n_seeds)]
+    runs = [scores(net, cfg, vae, cyan, CYAN_SEED + s) for s in range(n_seeds)]
     cyan_scores = {k: sum(r[0][k] for r in runs) / n_seeds for k in KEYS}
-    old, _ = scores(net, cfg, vae, data.SHAPE_CAPTIONS, 1234)
+    old, _ = scores(net, cfg, vae, data.SHAPE_CAPTIONS, KNOWN_SEED)
     return cyan_scores, old, runs[0][1]
 
 
@@ -125,7 +124,8 @@ def main(argv):
     for key, value in key_values(argv, "python toy/lora.py --ckpt=PATH [--out_dir=DIR] [--steps=N] ..."):
         if key not in o:
             sys.exit(f"error: unknown option --{key} (options: {', '.join(o)})")
-        o[key] = type(o[key])(value) if not isinstance(o[key], bool) else value.lower() in ("1", "true", "yes")
+        o[key] = (boolean(key, value) if isinstance(o[key], bool) else value if isinstance(o[key], str)
+                  else number(key, value, type(o[key])))
     t_start = time.time()
     base = read_checkpoint(o["ckpt"], "pyramid-flow", "video checkpoint", " (python train.py)", mmap=True)
     base_cfg = config.Config(**{k: v for k, v in base["config"].items() if k in config.Config.__dataclass_fields__})
@@ -144,12 +144,18 @@ def main(argv):
                                   recipe=dict(shipped.recipe, taught_cyan=how)))
     vae = load_vae(vae_path)
     cyan_captions = data.shape_captions(("cyan",)) * o["clips"]
-    z, rec = encode(vae, cyan_captions, base_cfg.size, base_cfg.frames, seed=0)
+    clips = lambda captions, seed: data.shapes_batch(len(captions), base_cfg.frames, base_cfg.size,  # noqa: E731
+                                                     generator=seed, captions=captions)[0]
+    cyan_video = clips(cyan_captions, 0)
+    z = encode(vae, cyan_video)
+    with torch.no_grad():  # how faithfully the taught VAE draws cyan
+        rec = evaluate.score_shapes(vae.decode(vae.denormalize(z)).clamp(-1, 1), cyan_captions, data.ALL_COLOURS)
     known = data.SHAPE_CAPTIONS * o["replay"]
     known_z, drift = z[:0], ""
     if known:
-        known_z, _ = encode(vae, known, base_cfg.size, base_cfg.frames, seed=1)
-        moved = (known_z - encode(shipped, known, base_cfg.size, base_cfg.frames, seed=1)[0]).square().mean().sqrt()
+        known_video = clips(known, 1)
+        known_z = encode(vae, known_video)
+        moved = (known_z - encode(shipped, known_video)).square().mean().sqrt()
         drift = f"; the known clips' latents moved {moved:.3f} (rms, normalised)"
     prep = time.time() - t0
     print(f"the VAE taught cyan ({vae_path}, {o['vae_steps']} steps{', reused' if reused else ''}): "
@@ -197,7 +203,7 @@ def main(argv):
     if o["picture"]:
         path = os.path.join(ROOT, "assets", "lora_cyan.gif")
         write_video(path, tile(torch.cat(pictures), cols=12))
-        print(f"wrote {path}: the 12 cyan captions (seed 1000) by the base, with the adapter"
+        print(f"wrote {path}: the 12 cyan captions (seed {CYAN_SEED}) by the base, with the adapter"
               + (", fully fine-tuned" if o["full"] else "") + " (rows)")
     print(f"base {o['ckpt']} (decoded by the taught VAE): {n_base:,} parameters; cyan x1 seed: "
           + ", ".join(f"{k} {before[k]:.2f}" for k in KEYS)
