@@ -92,11 +92,16 @@ def weights_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
-def base_sha256(net: nn.Module) -> str:
-    """weights_sha256 of a TextToVideo's own weights (a frozen pretrained text encoder set by
-    sample.py for a features checkpoint is not part of them)."""
+def own_state(net: nn.Module) -> dict:
+    """A TextToVideo's own weights: a frozen pretrained text encoder set by sample.py for a features
+    checkpoint is not part of them (the checkpoint's network is built without it)."""
     own = isinstance(net.text_encoder, text_to_video.ToyTextEncoder)
-    return weights_sha256({k: v for k, v in net.state_dict().items() if own or not k.startswith("text_encoder.")})
+    return {k: v for k, v in net.state_dict().items() if own or not k.startswith("text_encoder.")}
+
+
+def base_sha256(net: nn.Module) -> str:
+    """weights_sha256 of a TextToVideo's own weights (own_state)."""
+    return weights_sha256(own_state(net))
 
 
 def adapters(state: dict) -> dict:
@@ -186,7 +191,7 @@ def write_merged(out: str, base: str, net: nn.Module, applied: list) -> None:
     """sample.py --merge=OUT: the base checkpoint with the merged weights as its model and EMA (no
     optimizer state), a plain checkpoint sample.py and --init_from take; `merged` names the adapters."""
     ck = read_checkpoint(base, "pyramid-flow", "video checkpoint", mmap=True)
-    state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
+    state = {f"net.{k}": v.detach().cpu() for k, v in own_state(net).items()}
     keep = {k: v for k, v in ck.items() if k not in ("model", "ema", "optimizer", "lora")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_torch(out, dict(keep, model=state, ema=state, merged=dict(base=base, adapters=applied)))

@@ -67,6 +67,17 @@ def test_merge_equals_apply_and_weights_scale_the_update():
     torch.testing.assert_close(net(*inputs), applied, atol=1e-5, rtol=1e-5)
 
 
+def test_a_frozen_pretrained_text_encoder_is_not_the_networks_own():
+    """own_state (hash of the base, --merge's weights): a features model's frozen encoder, set by
+    sample.py, is left out (its checkpoint's network is built without one); a toy encoder is in."""
+    net = text_to_video.TextToVideo(CFG, toy_text=False)
+    without = set(lora.own_state(net))
+    net.text_encoder = torch.nn.Linear(4, 4)  # stands for T5 + CLIP
+    assert set(lora.own_state(net)) == without and not any(k.startswith("text_encoder.") for k in without)
+    toy, _ = net_and_inputs()
+    assert any(k.startswith("text_encoder.") for k in lora.own_state(toy))
+
+
 def test_hash_is_of_the_weights():
     a, _ = net_and_inputs(0)
     b, _ = net_and_inputs(0)
